@@ -1,0 +1,68 @@
+"""Crash-safe file output: every file is written to a temporary name in the same
+directory and renamed into place, so a reader never sees a half-written file."""
+
+import contextlib
+import json
+import os
+import tempfile
+from typing import Any, Dict, Iterator, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """Yields a temporary path next to ``path``; renames it onto ``path`` on success
+    (``os.replace`` is atomic on POSIX) and deletes it on error."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+                               dir=directory)
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Atomically writes ``obj`` as indented JSON."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
+            f.write("\n")
+
+
+def write_text(path: str, text: str) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            f.write(text)
+
+
+def save_tensors(path: str, tensors: Dict[str, torch.Tensor],
+                 metadata: Optional[Dict[str, str]] = None) -> None:
+    """Atomically saves tensors with safetensors (no pickle)."""
+    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(contiguous, tmp, metadata=metadata)
+
+
+def load_tensors(path: str) -> Dict[str, torch.Tensor]:
+    """Loads a safetensors file (never unpickles)."""
+    return load_file(path, device="cpu")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if hasattr(o, "item"):
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
