@@ -1,0 +1,240 @@
+"""Plugin mechanics: how a method (IDProxy, QARM, RED-Rec, your own) changes a ranker.
+
+The contract
+------------
+A plugin is a subclass of :class:`RankerPlugin` registered under a name with
+:func:`register_plugin`. It is switched on by a YAML spec (``plugins/*.yaml``)::
+
+    plugins:
+      - name: my_plugin
+        options: {alpha: 0.5}
+
+and acts in two phases, both through :func:`apply_plugins`:
+
+1. **before the model is built** — ``configure_tables(tables, ctx)`` receives the
+   ranker's :class:`~torchrec_mm.models.rankers.RankerTables` (the
+   ``EmbeddingBagConfig``/``EmbeddingConfig`` lists) and returns them, changed or not
+   (add a table, change a dim, add a feature to a table);
+2. **after it is built** — ``wrap_model(model, ctx)`` returns the model, typically with
+   an ``EmbeddingBagCollection``/``EmbeddingCollection`` replaced by a module that
+   *holds* it (never a subclass: DMP picks sharders by exact type) and returns the same
+   ``KeyedTensor``/``JaggedTensor`` keys, so the ranker's code does not change.
+
+A plugin whose modules must themselves be sharded returns their sharders from
+``sharders(device)``; the trainer hands them to the planner and DMP before the stock ones.
+
+Plugins are applied in spec order. A name not yet registered is looked up as the
+module ``torchrec_mm.<name>.plugin`` (the package's own methods), then in the
+``torchrec_mm.plugins`` entry-point group (third-party packages).
+"""
+
+import dataclasses
+import importlib
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Type, TypeVar, Union
+
+import torch
+import yaml
+from torch import nn
+
+from torchrec_mm.data.batching import FeatureLayout
+
+_REGISTRY: Dict[str, Type["RankerPlugin"]] = {}
+P = TypeVar("P", bound=Type["RankerPlugin"])
+
+
+@dataclass
+class PluginContext:
+    """What a plugin may read while it configures or wraps a ranker.
+
+    Attributes:
+        data_dir: the dataset directory (content stores and fitted artefacts live
+            beside it or are named by the plugin's options).
+        layout: the feature layout of the dataset.
+        ranker: the ranker config (``torchrec_mm.models.rankers.RankerConfig``).
+        extras: free-form values passed by the caller (e.g. paths of fitted models).
+    """
+
+    data_dir: Optional[str] = None
+    layout: Optional[FeatureLayout] = None
+    ranker: Any = None
+    extras: Dict[str, Any] = field(default_factory=dict)
+
+
+class RankerPlugin:
+    """Base class of plugins. Options arrive as keyword arguments; a subclass that
+    declares an ``Options`` dataclass gets them validated into ``self.options``."""
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[Optional[type]] = None
+
+    def __init__(self, **options: Any) -> None:
+        if self.Options is not None:
+            known = {f.name for f in dataclasses.fields(self.Options)}
+            unknown = set(options) - known
+            if unknown:
+                raise ValueError(f"plugin '{self.name}': unknown option(s) {sorted(unknown)}; "
+                                 f"known: {sorted(known)}")
+            self.options = self.Options(**options)
+        else:
+            self.options = options
+
+    def configure_tables(self, tables: Any, ctx: PluginContext) -> Any:
+        """Phase 1: edit table configs before the model is built."""
+        return tables
+
+    def wrap_model(self, model: nn.Module, ctx: PluginContext) -> nn.Module:
+        """Phase 2: wrap or replace modules of the built (unsharded) model."""
+        return model
+
+    def sharders(self, device: torch.device) -> List[Any]:
+        """Sharders of this plugin's own sharded modules (none by default)."""
+        return []
+
+
+def register_plugin(name: str) -> Callable[[P], P]:
+    """Class decorator: ``@register_plugin("idproxy") class IDProxyPlugin(RankerPlugin)``."""
+
+    def deco(cls: P) -> P:
+        if not (isinstance(cls, type) and issubclass(cls, RankerPlugin)):
+            raise TypeError(f"@register_plugin('{name}') needs a RankerPlugin subclass")
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"a plugin named '{name}' is already registered "
+                             f"({_REGISTRY[name].__module__}.{_REGISTRY[name].__name__})")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def registered_plugins() -> List[str]:
+    return sorted(_REGISTRY)
+
+
+def get_plugin(name: str) -> Type[RankerPlugin]:
+    """The plugin class registered as ``name`` (importing it on first use)."""
+    if name not in _REGISTRY:
+        try:
+            importlib.import_module(f"torchrec_mm.{name}.plugin")
+        except ModuleNotFoundError as e:
+            if e.name not in (f"torchrec_mm.{name}", f"torchrec_mm.{name}.plugin"):
+                raise
+    if name not in _REGISTRY:
+        for ep in entry_points(group="torchrec_mm.plugins"):
+            if ep.name == name:
+                ep.load()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown plugin '{name}'; registered: {registered_plugins()}")
+    return _REGISTRY[name]
+
+
+@dataclass
+class PluginSpec:
+    """A parsed spec: the plugins to apply, in order, with their options.
+
+    Attributes:
+        plugins: ``[(name, options), ...]``.
+        ranker: optional overrides of the ranker config (``kind``, ``embedding_dim``...).
+        source: where the spec came from (for error messages).
+    """
+
+    plugins: List[Any] = field(default_factory=list)
+    ranker: Dict[str, Any] = field(default_factory=dict)
+    source: str = "<spec>"
+
+    def instantiate(self) -> List[RankerPlugin]:
+        out = []
+        for i, (name, options) in enumerate(self.plugins):
+            try:
+                out.append(get_plugin(name)(**options))
+            except (KeyError, ValueError, TypeError) as e:
+                raise ValueError(f"{self.source}: plugins[{i}] ('{name}'): {e}") from e
+        return out
+
+
+def parse_spec(raw: Any, source: str = "<spec>") -> PluginSpec:
+    """Validates a spec mapping (as loaded from YAML)."""
+    if raw is None:
+        return PluginSpec(source=source)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source}: a plugin spec is a mapping with a 'plugins' list")
+    unknown = set(raw) - {"plugins", "ranker", "description"}
+    if unknown:
+        raise ValueError(f"{source}: unknown top-level key(s) {sorted(unknown)} "
+                         "(allowed: plugins, ranker, description)")
+    items = raw.get("plugins") or []
+    if not isinstance(items, list):
+        raise ValueError(f"{source}: 'plugins' must be a list")
+    plugins = []
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            item = {"name": item}
+        if not isinstance(item, dict) or "name" not in item:
+            raise ValueError(f"{source}: plugins[{i}] needs a 'name'")
+        extra = set(item) - {"name", "options"}
+        if extra:
+            raise ValueError(f"{source}: plugins[{i}]: unknown key(s) {sorted(extra)}")
+        options = item.get("options") or {}
+        if not isinstance(options, dict):
+            raise ValueError(f"{source}: plugins[{i}].options must be a mapping")
+        plugins.append((str(item["name"]), options))
+    ranker = raw.get("ranker") or {}
+    if not isinstance(ranker, dict):
+        raise ValueError(f"{source}: 'ranker' must be a mapping")
+    return PluginSpec(plugins=plugins, ranker=ranker, source=source)
+
+
+def load_spec(path: str) -> PluginSpec:
+    """Reads and validates a YAML plugin spec."""
+    with open(path) as f:
+        try:
+            raw = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: invalid YAML: {e}") from e
+    return parse_spec(raw, source=path)
+
+
+def apply_plugins(
+    model_or_tables: Any,
+    spec: Union[PluginSpec, Dict[str, Any], str],
+    ctx: Optional[PluginContext] = None,
+    plugins: Optional[List[RankerPlugin]] = None,
+) -> Any:
+    """Applies every plugin of ``spec`` to a ranker's table configs (phase 1, given
+    ``RankerTables``) or to a built ranker (phase 2, given an ``nn.Module``).
+
+    Args:
+        model_or_tables: ``RankerTables`` or an ``nn.Module``.
+        spec: a :class:`PluginSpec`, a spec mapping or a YAML path.
+        ctx: the context plugins may read.
+        plugins: already instantiated plugins of ``spec`` (to keep state between phases).
+    """
+    if isinstance(spec, str):
+        spec = load_spec(spec)
+    elif isinstance(spec, dict):
+        spec = parse_spec(spec)
+    ctx = ctx or PluginContext()
+    plugins = plugins if plugins is not None else spec.instantiate()
+    out = model_or_tables
+    for p in plugins:
+        if isinstance(out, nn.Module):
+            out = p.wrap_model(out, ctx)
+            if not isinstance(out, nn.Module):
+                raise TypeError(f"plugin '{p.name}'.wrap_model returned "
+                                f"{type(out).__name__}, not an nn.Module")
+        else:
+            out = p.configure_tables(out, ctx)
+    return out
+
+
+def spec_sharders(plugins: List[RankerPlugin], device: torch.device) -> List[Any]:
+    """Sharders contributed by ``plugins`` (deduplicated by type)."""
+    seen, out = set(), []
+    for p in plugins:
+        for s in p.sharders(device):
+            if type(s) not in seen:
+                seen.add(type(s))
+                out.append(s)
+    return out

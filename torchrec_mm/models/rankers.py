@@ -1,0 +1,182 @@
+"""Baseline rankers built from TorchRec parts, from a dataclass config.
+
+``build_ranker`` makes one of
+
+* ``dlrm``: ``torchrec.models.dlrm.DLRM`` as it is (history mean-pooled in the EBC),
+* ``dlrm_dcn``: ``torchrec.models.dlrm.DLRM_DCN`` as it is,
+* ``target_attention``: :class:`TargetAttentionRanker` (DIN-style attention over the
+  history item IDs, the item table in an ``EmbeddingCollection``).
+
+The item-ID table is always named ``t_item_id`` and serves both ``item_id`` and
+``hist_item_id``; plugins find it by that feature. Tables are listed by
+:func:`table_configs` *before* the model is built so that plugins can change them
+(see ``torchrec_mm.plugins``).
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+from torchrec.models.dlrm import DLRM, DLRM_DCN
+from torchrec.modules.embedding_configs import (
+    EmbeddingBagConfig,
+    EmbeddingConfig,
+    PoolingType,
+)
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+
+from torchrec_mm.data.batching import (
+    HISTORY_FEATURE,
+    ITEM_FEATURE,
+    SCENARIO_FEATURE,
+    USER_FEATURE,
+    Batch,
+    FeatureLayout,
+)
+
+RANKER_KINDS = ("dlrm", "dlrm_dcn", "target_attention")
+ITEM_TABLE = "t_item_id"
+
+
+@dataclass
+class RankerConfig:
+    """Ranker hyper-parameters.
+
+    Attributes:
+        kind: one of ``dlrm``, ``dlrm_dcn``, ``target_attention``.
+        embedding_dim: D of every table (DLRM needs one D for all).
+        dense_arch_layer_sizes: dense MLP; for DLRM the last size is forced to D.
+        over_arch_layer_sizes: top MLP; for DLRM it must end with 1.
+        dcn_num_layers / dcn_low_rank_dim: DLRM_DCN cross net.
+        use_user_id: include a ``user_id`` table (off for strongly cold-user data).
+    """
+
+    kind: str = "target_attention"
+    embedding_dim: int = 16
+    dense_arch_layer_sizes: List[int] = field(default_factory=lambda: [32, 16])
+    over_arch_layer_sizes: List[int] = field(default_factory=lambda: [64, 32, 1])
+    dcn_num_layers: int = 2
+    dcn_low_rank_dim: int = 8
+    use_user_id: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in RANKER_KINDS:
+            raise ValueError(f"unknown ranker kind '{self.kind}', expected one of "
+                             f"{RANKER_KINDS}")
+
+    @staticmethod
+    def from_dict(d: Dict[str, Any]) -> "RankerConfig":
+        known = {f.name for f in dataclasses.fields(RankerConfig)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown ranker option(s) {sorted(unknown)}; known: "
+                             f"{sorted(known)}")
+        return RankerConfig(**d)
+
+
+@dataclass
+class RankerTables:
+    """Table configs of a ranker before it is built (plugins may edit them).
+
+    Attributes:
+        pooled: tables of the EmbeddingBagCollection.
+        sequence: tables of the EmbeddingCollection (target-attention ranker only).
+    """
+
+    pooled: List[EmbeddingBagConfig]
+    sequence: List[EmbeddingConfig]
+
+    def find(self, feature: str) -> Tuple[str, Any]:
+        """(``"pooled"``/``"sequence"``, config) of the table serving ``feature``."""
+        for kind, tables in (("pooled", self.pooled), ("sequence", self.sequence)):
+            for t in tables:
+                if feature in t.feature_names:
+                    return kind, t
+        raise KeyError(f"no table serves feature '{feature}'")
+
+
+def table_configs(layout: FeatureLayout, config: RankerConfig) -> RankerTables:
+    """The tables a ranker of ``config`` needs for ``layout``."""
+    D = config.embedding_dim
+    pooled: List[EmbeddingBagConfig] = []
+    sequence: List[EmbeddingConfig] = []
+    if config.use_user_id:
+        pooled.append(EmbeddingBagConfig(name="t_user_id", num_embeddings=layout.num_users,
+                                         embedding_dim=D, feature_names=[USER_FEATURE]))
+    pooled.append(EmbeddingBagConfig(name="t_scenario", num_embeddings=layout.num_scenarios,
+                                     embedding_dim=D, feature_names=[SCENARIO_FEATURE]))
+    for attr, card in layout.user_attrs.items():
+        pooled.append(EmbeddingBagConfig(name=f"t_{attr}", num_embeddings=max(card, 1),
+                                         embedding_dim=D, feature_names=[attr]))
+    item_features = [ITEM_FEATURE, HISTORY_FEATURE]
+    if config.kind == "target_attention":
+        sequence.append(EmbeddingConfig(name=ITEM_TABLE, num_embeddings=layout.num_items,
+                                        embedding_dim=D, feature_names=item_features))
+    else:
+        pooled.append(EmbeddingBagConfig(name=ITEM_TABLE, num_embeddings=layout.num_items,
+                                         embedding_dim=D, feature_names=item_features,
+                                         pooling=PoolingType.MEAN))
+    return RankerTables(pooled=pooled, sequence=sequence)
+
+
+def build_ranker(
+    layout: FeatureLayout,
+    config: RankerConfig,
+    tables: Optional[RankerTables] = None,
+    device: Optional[torch.device] = None,
+) -> nn.Module:
+    """Builds the ranker. ``forward(dense [B, F_d], kjt) -> logits [B, 1]``.
+
+    Args:
+        layout: features of the dataset.
+        config: ranker config.
+        tables: table configs (default :func:`table_configs`; plugins pass edited ones).
+        device: ``meta`` to build without memory, else the compute device.
+    """
+    tables = tables or table_configs(layout, config)
+    D = config.embedding_dim
+    ebc = EmbeddingBagCollection(tables=tables.pooled, device=device)
+    if config.kind == "target_attention":
+        from torchrec_mm.models.target_attention import TargetAttentionRanker
+
+        ec = EmbeddingCollection(tables=tables.sequence, device=device)
+        return TargetAttentionRanker(
+            embedding_bag_collection=ebc,
+            embedding_collection=ec,
+            dense_in_features=layout.num_dense,
+            dense_arch_layer_sizes=config.dense_arch_layer_sizes,
+            over_arch_layer_sizes=config.over_arch_layer_sizes[:-1] or [D],
+            max_history=layout.history_length,
+            device=device,
+        )
+    dense_sizes = list(config.dense_arch_layer_sizes[:-1]) + [D]
+    over_sizes = list(config.over_arch_layer_sizes)
+    if over_sizes[-1] != 1:
+        over_sizes.append(1)
+    if config.kind == "dlrm":
+        return DLRM(embedding_bag_collection=ebc, dense_in_features=layout.num_dense,
+                    dense_arch_layer_sizes=dense_sizes, over_arch_layer_sizes=over_sizes,
+                    dense_device=device)
+    return DLRM_DCN(embedding_bag_collection=ebc, dense_in_features=layout.num_dense,
+                    dense_arch_layer_sizes=dense_sizes, over_arch_layer_sizes=over_sizes,
+                    dcn_num_layers=config.dcn_num_layers,
+                    dcn_low_rank_dim=config.dcn_low_rank_dim, dense_device=device)
+
+
+class RankerTrain(nn.Module):
+    """Loss wrapper (``DLRMTrain``'s contract for our :class:`Batch`).
+
+    ``forward(batch) -> (loss, (loss, logits [B], labels [B]))`` with BCE-with-logits.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = nn.BCEWithLogitsLoss()
+
+    def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
+        logits = self.model(batch.dense_features, batch.sparse_features).squeeze(-1)
+        loss = self.loss_fn(logits, batch.labels)
+        return loss, (loss.detach(), logits.detach(), batch.labels.detach())

@@ -1,0 +1,405 @@
+"""Training and evaluation of rankers under ``DistributedModelParallel``.
+
+One code path for every world size: the ranker (plus plugins) is built on CPU from a
+seed, wrapped in :class:`RankerTrain`, sharded by DMP under a plan from
+``EmbeddingShardingPlanner`` and initialised from the unsharded weights, so the same
+seed gives the same model whatever the plan. Embedding tables use TorchRec's fused
+optimizer (``apply_optimizer_in_backward``), dense parameters a ``KeyedOptimizer``.
+
+Sharded embeddings receive the *sum* of the per-rank gradients while DDP averages
+dense gradients (TorchRec's semantics); with ``world_size`` ranks at per-rank batch B
+the embedding update equals a single process at batch ``world_size * B`` with the
+embedding learning rate multiplied by ``world_size``.
+"""
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from torchrec_mm.data.batching import (
+    SPLIT_NAMES,
+    SPLIT_TRAIN,
+    FeatureLayout,
+    RankingBatchDataset,
+    RankingSamples,
+)
+from torchrec_mm.models.rankers import RankerConfig, RankerTrain, build_ranker, table_configs
+from torchrec_mm.training import checkpoint as ckpt
+from torchrec_mm.training.distributed import (
+    DistContext,
+    init_distributed,
+    launched_by_torchrun,
+    spawn,
+)
+from torchrec_mm.training.sharding import default_sharders, make_plan
+from torchrec_mm.utils.io import write_json
+
+logger = logging.getLogger(__name__)
+
+EMBEDDING_OPTIMIZERS = {
+    "sgd": torch.optim.SGD,
+    "adagrad": torch.optim.Adagrad,
+    "adam": torch.optim.Adam,
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a ranker training run needs (``torchrec-mm train`` flags).
+
+    Attributes:
+        data: dataset directory (with ``split.json``).
+        out: run directory: checkpoints, ``train_metrics.json``.
+        ranker: the ranker config.
+        plugins: optional plugin spec (YAML path) applied to the ranker.
+        batch_size: per-rank batch size.
+        world_size: number of ranks (spawned here unless launched by torchrun).
+        sharding_type: planner constraint for every table (``auto``: planner's choice).
+        checkpoint_every: steps between checkpoints (0: only at the end of epochs).
+        max_steps: stop after this many steps (None: ``epochs`` full epochs).
+    """
+
+    data: str
+    out: str
+    ranker: RankerConfig = field(default_factory=RankerConfig)
+    plugins: Optional[str] = None
+    history_length: int = 50
+    batch_size: int = 512
+    eval_batch_size: int = 2048
+    epochs: int = 1
+    max_steps: Optional[int] = None
+    dense_optimizer: str = "adam"
+    dense_lr: float = 1e-3
+    embedding_optimizer: str = "adagrad"
+    embedding_lr: float = 0.05
+    world_size: int = 1
+    sharding_type: str = "auto"
+    seed: int = 0
+    num_workers: int = 0
+    checkpoint_every: int = 0
+    log_every: int = 10
+    evaluate: bool = True
+    resume: bool = True
+    progress: bool = True
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- build
+
+
+def embedding_parameters(module: nn.Module) -> List[nn.Parameter]:
+    """Trainable parameters of every EBC/EC inside ``module``."""
+    params = []
+    for m in module.modules():
+        if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection)):
+            params.extend(p for p in m.parameters() if p.requires_grad)
+    return params
+
+
+def build_model(cfg: TrainConfig, layout: FeatureLayout) -> Tuple[nn.Module, List[Any]]:
+    """Ranker (with plugins) wrapped in :class:`RankerTrain`, unsharded, seeded.
+
+    Returns:
+        (model, plugin instances) — the plugins also contribute sharders.
+    """
+    from torchrec_mm.plugins import PluginContext, apply_plugins, load_spec
+
+    torch.manual_seed(cfg.seed)
+    spec = load_spec(cfg.plugins) if cfg.plugins else None
+    ranker_cfg = cfg.ranker
+    if spec is not None and spec.ranker:
+        ranker_cfg = RankerConfig.from_dict({**dataclasses.asdict(cfg.ranker), **spec.ranker})
+    tables = table_configs(layout, ranker_cfg)
+    context = PluginContext(data_dir=cfg.data, layout=layout, ranker=ranker_cfg)
+    plugins = spec.instantiate() if spec is not None else []
+    if plugins:
+        tables = apply_plugins(tables, spec, context, plugins)
+    model = build_ranker(layout, ranker_cfg, tables)
+    if plugins:
+        model = apply_plugins(model, spec, context, plugins)
+    return RankerTrain(model), plugins
+
+
+def shard_model(model: nn.Module, cfg: TrainConfig, ctx: DistContext,
+                plugins: Optional[List[Any]] = None) -> DistributedModelParallel:
+    """Applies the fused embedding optimizer, plans and shards; copies the unsharded
+    initial weights into the shards."""
+    full_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    opt_cls = EMBEDDING_OPTIMIZERS[cfg.embedding_optimizer]
+    apply_optimizer_in_backward(opt_cls, embedding_parameters(model),
+                                {"lr": cfg.embedding_lr})
+    from torchrec_mm.plugins import spec_sharders
+
+    sharders = spec_sharders(plugins or [], ctx.device) + default_sharders(ctx.device)
+    plan = make_plan(model, ctx.world_size, ctx.device, cfg.sharding_type,
+                     batch_size=cfg.batch_size, sharders=sharders)
+    dmp = DistributedModelParallel(module=model, device=ctx.device, plan=plan,
+                                   sharders=sharders)
+    tensors: Dict[str, Any] = {}
+    skeleton = ckpt._flatten(full_state, "", tensors)
+    dmp.load_state_dict(ckpt.restore(dmp.state_dict(), skeleton, tensors))
+    return dmp
+
+
+def make_optimizer(model: DistributedModelParallel, cfg: TrainConfig) -> CombinedOptimizer:
+    dense = dict(in_backward_optimizer_filter(model.named_parameters()))
+    dense = {k: v for k, v in dense.items() if v.requires_grad}
+    if cfg.dense_optimizer == "adam":
+        dense_opt = KeyedOptimizerWrapper(dense, lambda p: torch.optim.Adam(p, lr=cfg.dense_lr))
+    elif cfg.dense_optimizer == "sgd":
+        dense_opt = KeyedOptimizerWrapper(dense, lambda p: torch.optim.SGD(p, lr=cfg.dense_lr))
+    else:
+        raise ValueError(f"unknown dense optimizer '{cfg.dense_optimizer}' (adam, sgd)")
+    return CombinedOptimizer([model.fused_optimizer, dense_opt])
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+@torch.no_grad()
+def predict(model: nn.Module, samples: RankingSamples, rows: np.ndarray, batch_size: int,
+            ctx: DistContext) -> Dict[str, np.ndarray]:
+    """Scores of ``rows`` (every rank must call it with the same rows).
+
+    Each step gives every rank a non-empty slice of the rows (padded by repeating a
+    row and masking it), as the sharded all-to-alls require; scores are all-gathered.
+
+    Returns:
+        ``{"score", "label", "user_id", "item_id", "row"}`` numpy arrays in ``rows`` order.
+    """
+    model.eval()
+    world, rank = ctx.world_size, ctx.rank
+    n = len(rows)
+    per_step = batch_size * world
+    steps = max(1, math.ceil(n / per_step))
+    local_scores, local_pos = [], []
+    for s in range(steps):
+        chunk = rows[s * per_step:(s + 1) * per_step]
+        size = math.ceil(len(chunk) / world) if len(chunk) else 1
+        mine = chunk[rank * size:(rank + 1) * size]
+        pos = np.arange(s * per_step + rank * size, s * per_step + rank * size + len(mine))
+        valid = len(mine)
+        if valid < size:
+            pad = np.full(size - valid, rows[0] if n else 0, dtype=np.int64)
+            mine = np.concatenate([mine, pad])
+        batch = samples.make_batch(mine, "all")
+        _, (_, logits, _) = model(batch.to(ctx.device))
+        scores = torch.sigmoid(logits.float()).cpu()
+        out_pos = torch.full((size,), -1, dtype=torch.long)
+        out_pos[:valid] = torch.from_numpy(pos)
+        local_scores.append(scores)
+        local_pos.append(out_pos)
+    scores = torch.cat(local_scores)
+    pos = torch.cat(local_pos)
+    if world > 1:
+        length = torch.tensor([scores.numel()])
+        lengths = [torch.zeros_like(length) for _ in range(world)]
+        dist.all_gather(lengths, length)
+        max_len = int(max(int(x) for x in lengths))
+        pad_s = torch.zeros(max_len - scores.numel())
+        pad_p = torch.full((max_len - pos.numel(),), -1, dtype=torch.long)
+        all_s = [torch.zeros(max_len) for _ in range(world)]
+        all_p = [torch.zeros(max_len, dtype=torch.long) for _ in range(world)]
+        dist.all_gather(all_s, torch.cat([scores, pad_s]))
+        dist.all_gather(all_p, torch.cat([pos, pad_p]))
+        scores, pos = torch.cat(all_s), torch.cat(all_p)
+    keep = pos >= 0
+    order = torch.argsort(pos[keep])
+    score = scores[keep][order].numpy()
+    model.train()
+    return {"score": score, "label": samples.label[rows], "user_id": samples.user[rows],
+            "item_id": samples.item[rows], "row": rows}
+
+
+def ranking_report(pred: Dict[str, np.ndarray]) -> Dict[str, float]:
+    """AUC / UAUC / GAUC / log-loss and counts of one set of predictions."""
+    from torchrec_mm.metrics.ranking import auc, gauc, uauc
+
+    s = torch.from_numpy(pred["score"]).double()
+    y = torch.from_numpy(pred["label"]).double()
+    u = torch.from_numpy(pred["user_id"])
+    out: Dict[str, float] = {"count": int(len(s)), "ctr": float(y.mean()) if len(s) else 0.0}
+    if len(s) == 0 or y.min() == y.max():
+        return out
+    eps = 1e-7
+    p = s.clamp(eps, 1 - eps)
+    out["logloss"] = float(-(y * p.log() + (1 - y) * (1 - p).log()).mean())
+    out["auc"] = float(auc(s, y))
+    out["uauc"] = float(uauc(s, y, u))
+    out["gauc"] = float(gauc(s, y, u))
+    return out
+
+
+def evaluate_splits(model: nn.Module, samples: RankingSamples, batch_size: int,
+                    ctx: DistContext, splits=("test_warm", "test_cold")
+                    ) -> Dict[str, Dict[str, float]]:
+    """Ranking metrics per split (and ``test`` = all test rows)."""
+    out: Dict[str, Dict[str, float]] = {}
+    preds = {}
+    for split in splits:
+        rows = samples.rows(split)
+        preds[split] = predict(model, samples, rows, batch_size, ctx)
+        out[split] = ranking_report(preds[split])
+    if len(splits) > 1:
+        merged = {k: np.concatenate([preds[s][k] for s in splits]) for k in preds[splits[0]]}
+        out["test"] = ranking_report(merged)
+    return out
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def _worker(cfg: TrainConfig) -> None:
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", cfg.world_size))
+    ctx = init_distributed(rank, world)
+    try:
+        run_rank(cfg, ctx)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_rank(cfg: TrainConfig, ctx: DistContext,
+             samples: Optional[RankingSamples] = None) -> Dict[str, Any]:
+    """The training loop of one rank (the process group is initialised).
+
+    Args:
+        samples: the sample index (default: built from ``cfg.data``).
+    """
+    if samples is None:
+        samples = RankingSamples.from_dataset(cfg.data, cfg.history_length)
+    layout = samples.layout
+    unsharded, plugins = build_model(cfg, layout)
+    model = shard_model(unsharded, cfg, ctx, plugins)
+    optimizer = make_optimizer(model, cfg)
+    ckpt_root = os.path.join(cfg.out, "checkpoints")
+
+    progress: Dict[str, Any] = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "curve": [],
+                                "evals": []}
+    latest = ckpt.latest_checkpoint(ckpt_root) if cfg.resume else None
+    if latest is not None:
+        _, skeleton, tensors = ckpt.read_checkpoint(latest)
+        optimizer.init_state()  # KeyedOptimizer loads only into initialised state
+        live = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "progress": progress}
+        restored = ckpt.restore(live, skeleton, tensors)
+        model.load_state_dict(restored["model"])
+        optimizer.load_state_dict(restored["optimizer"])
+        progress = restored["progress"]
+        if ctx.is_main:
+            logger.info("resumed from %s at step %d", latest, progress["step"])
+
+    dataset = RankingBatchDataset(samples, "train", cfg.batch_size, shuffle=True,
+                                  seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size)
+    steps_per_epoch = len(dataset.batches())
+    if steps_per_epoch == 0:
+        raise ValueError(f"{cfg.data}: fewer training samples ({len(samples.rows('train'))}) "
+                         f"than one step of batch {cfg.batch_size} x {ctx.world_size} ranks")
+    total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
+    total_steps = min(total_steps, steps_per_epoch * cfg.epochs)
+
+    def save() -> None:
+        ckpt.save_checkpoint(ckpt_root, progress["step"], {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "progress": progress})
+
+    bar = tqdm(total=total_steps, initial=progress["step"], desc=f"train[{cfg.ranker.kind}]",
+               disable=not (ctx.is_main and cfg.progress), dynamic_ncols=True)
+    t_start = time.time()
+    model.train()
+    while progress["step"] < total_steps:
+        dataset.set_epoch(progress["epoch"], progress["batch_in_epoch"])
+        loader = DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers,
+                            persistent_workers=False)
+        running: List[float] = []
+        for batch in loader:
+            loss, _ = model(batch.to(ctx.device))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            progress["step"] += 1
+            progress["batch_in_epoch"] += 1
+            running.append(float(loss.detach()))
+            if progress["step"] % cfg.log_every == 0 or progress["step"] == total_steps:
+                mean = torch.tensor([float(np.mean(running))])
+                if ctx.world_size > 1:
+                    dist.all_reduce(mean)
+                    mean /= ctx.world_size
+                progress["curve"].append({"step": progress["step"],
+                                          "epoch": progress["epoch"],
+                                          "loss": float(mean)})
+                running = []
+                bar.set_postfix(loss=f"{float(mean):.4f}")
+            bar.update(1)
+            if cfg.checkpoint_every and progress["step"] % cfg.checkpoint_every == 0:
+                save()
+            if progress["step"] >= total_steps:
+                break
+        else:
+            progress["epoch"] += 1
+            progress["batch_in_epoch"] = 0
+            if cfg.evaluate and progress["step"] < total_steps:
+                ev = evaluate_splits(model, samples, cfg.eval_batch_size, ctx)
+                progress["evals"].append({"step": progress["step"], **ev})
+            save()
+    bar.close()
+    train_seconds = time.time() - t_start
+    result: Dict[str, Any] = {"config": cfg.to_dict(), "world_size": ctx.world_size,
+                              "steps": progress["step"], "curve": progress["curve"],
+                              "train_seconds": train_seconds,
+                              "plan": str(model.plan) if ctx.is_main else None}
+    if cfg.evaluate:
+        final = evaluate_splits(model, samples, cfg.eval_batch_size, ctx)
+        progress["evals"].append({"step": progress["step"], **final})
+        result["eval"] = final
+    result["evals"] = progress["evals"]
+    save()
+    if ctx.is_main:
+        write_json(os.path.join(cfg.out, "train_metrics.json"), result)
+    return result
+
+
+def train(cfg: TrainConfig) -> Dict[str, Any]:
+    """Trains (spawning ``cfg.world_size`` local ranks unless launched by torchrun)
+    and returns the contents of ``OUT/train_metrics.json``."""
+    os.makedirs(cfg.out, exist_ok=True)
+    if launched_by_torchrun() or cfg.world_size == 1:
+        _worker(cfg)
+    else:
+        spawn(_worker, cfg.world_size, (cfg,))
+    with open(os.path.join(cfg.out, "train_metrics.json")) as f:
+        return json.load(f)
+
+
+def load_train_config(path: str, **overrides: Any) -> TrainConfig:
+    """A :class:`TrainConfig` from YAML (``ranker:`` a nested mapping)."""
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    ranker = RankerConfig.from_dict(raw.pop("ranker", {}) or {})
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = set(raw) - known
+    if unknown:
+        raise ValueError(f"{path}: unknown option(s) {sorted(unknown)}")
+    return TrainConfig(ranker=ranker, **raw)
