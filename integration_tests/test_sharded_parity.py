@@ -27,9 +27,9 @@ from torchrec_mm.training.trainer import (
     build_model,
     embedding_parameters,
     make_optimizer,
-    predict,
     shard_model,
 )
+from torchrec_mm.training.evaluate import predict
 
 WORLD = 2
 B = 64

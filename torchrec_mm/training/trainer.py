@@ -15,7 +15,6 @@ embedding learning rate multiplied by ``world_size``.
 import dataclasses
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -35,14 +34,13 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from torchrec_mm.data.batching import (
-    SPLIT_NAMES,
-    SPLIT_TRAIN,
     FeatureLayout,
     RankingBatchDataset,
     RankingSamples,
 )
 from torchrec_mm.models.rankers import RankerConfig, RankerTrain, build_ranker, table_configs
 from torchrec_mm.training import checkpoint as ckpt
+from torchrec_mm.training.evaluate import evaluate_model
 from torchrec_mm.training.distributed import (
     DistContext,
     init_distributed,
@@ -173,99 +171,6 @@ def make_optimizer(model: DistributedModelParallel, cfg: TrainConfig) -> Combine
     return CombinedOptimizer([model.fused_optimizer, dense_opt])
 
 
-# ----------------------------------------------------------------------------- eval
-
-
-@torch.no_grad()
-def predict(model: nn.Module, samples: RankingSamples, rows: np.ndarray, batch_size: int,
-            ctx: DistContext) -> Dict[str, np.ndarray]:
-    """Scores of ``rows`` (every rank must call it with the same rows).
-
-    Each step gives every rank a non-empty slice of the rows (padded by repeating a
-    row and masking it), as the sharded all-to-alls require; scores are all-gathered.
-
-    Returns:
-        ``{"score", "label", "user_id", "item_id", "row"}`` numpy arrays in ``rows`` order.
-    """
-    model.eval()
-    world, rank = ctx.world_size, ctx.rank
-    n = len(rows)
-    per_step = batch_size * world
-    steps = max(1, math.ceil(n / per_step))
-    local_scores, local_pos = [], []
-    for s in range(steps):
-        chunk = rows[s * per_step:(s + 1) * per_step]
-        size = math.ceil(len(chunk) / world) if len(chunk) else 1
-        mine = chunk[rank * size:(rank + 1) * size]
-        pos = np.arange(s * per_step + rank * size, s * per_step + rank * size + len(mine))
-        valid = len(mine)
-        if valid < size:
-            pad = np.full(size - valid, rows[0] if n else 0, dtype=np.int64)
-            mine = np.concatenate([mine, pad])
-        batch = samples.make_batch(mine, "all")
-        _, (_, logits, _) = model(batch.to(ctx.device))
-        scores = torch.sigmoid(logits.float()).cpu()
-        out_pos = torch.full((size,), -1, dtype=torch.long)
-        out_pos[:valid] = torch.from_numpy(pos)
-        local_scores.append(scores)
-        local_pos.append(out_pos)
-    scores = torch.cat(local_scores)
-    pos = torch.cat(local_pos)
-    if world > 1:
-        length = torch.tensor([scores.numel()])
-        lengths = [torch.zeros_like(length) for _ in range(world)]
-        dist.all_gather(lengths, length)
-        max_len = int(max(int(x) for x in lengths))
-        pad_s = torch.zeros(max_len - scores.numel())
-        pad_p = torch.full((max_len - pos.numel(),), -1, dtype=torch.long)
-        all_s = [torch.zeros(max_len) for _ in range(world)]
-        all_p = [torch.zeros(max_len, dtype=torch.long) for _ in range(world)]
-        dist.all_gather(all_s, torch.cat([scores, pad_s]))
-        dist.all_gather(all_p, torch.cat([pos, pad_p]))
-        scores, pos = torch.cat(all_s), torch.cat(all_p)
-    keep = pos >= 0
-    order = torch.argsort(pos[keep])
-    score = scores[keep][order].numpy()
-    model.train()
-    return {"score": score, "label": samples.label[rows], "user_id": samples.user[rows],
-            "item_id": samples.item[rows], "row": rows}
-
-
-def ranking_report(pred: Dict[str, np.ndarray]) -> Dict[str, float]:
-    """AUC / UAUC / GAUC / log-loss and counts of one set of predictions."""
-    from torchrec_mm.metrics.ranking import auc, gauc, uauc
-
-    s = torch.from_numpy(pred["score"]).double()
-    y = torch.from_numpy(pred["label"]).double()
-    u = torch.from_numpy(pred["user_id"])
-    out: Dict[str, float] = {"count": int(len(s)), "ctr": float(y.mean()) if len(s) else 0.0}
-    if len(s) == 0 or y.min() == y.max():
-        return out
-    eps = 1e-7
-    p = s.clamp(eps, 1 - eps)
-    out["logloss"] = float(-(y * p.log() + (1 - y) * (1 - p).log()).mean())
-    out["auc"] = float(auc(s, y))
-    out["uauc"] = float(uauc(s, y, u))
-    out["gauc"] = float(gauc(s, y, u))
-    return out
-
-
-def evaluate_splits(model: nn.Module, samples: RankingSamples, batch_size: int,
-                    ctx: DistContext, splits=("test_warm", "test_cold")
-                    ) -> Dict[str, Dict[str, float]]:
-    """Ranking metrics per split (and ``test`` = all test rows)."""
-    out: Dict[str, Dict[str, float]] = {}
-    preds = {}
-    for split in splits:
-        rows = samples.rows(split)
-        preds[split] = predict(model, samples, rows, batch_size, ctx)
-        out[split] = ranking_report(preds[split])
-    if len(splits) > 1:
-        merged = {k: np.concatenate([preds[s][k] for s in splits]) for k in preds[splits[0]]}
-        out["test"] = ranking_report(merged)
-    return out
-
-
 # ----------------------------------------------------------------------------- train
 
 
@@ -295,6 +200,8 @@ def run_rank(cfg: TrainConfig, ctx: DistContext,
     optimizer = make_optimizer(model, cfg)
     ckpt_root = os.path.join(cfg.out, "checkpoints")
 
+    if ctx.is_main:
+        write_json(os.path.join(cfg.out, "config.json"), cfg.to_dict())
     progress: Dict[str, Any] = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "curve": [],
                                 "evals": []}
     latest = ckpt.latest_checkpoint(ckpt_root) if cfg.resume else None
@@ -360,7 +267,7 @@ def run_rank(cfg: TrainConfig, ctx: DistContext,
             progress["epoch"] += 1
             progress["batch_in_epoch"] = 0
             if cfg.evaluate and progress["step"] < total_steps:
-                ev = evaluate_splits(model, samples, cfg.eval_batch_size, ctx)
+                ev = evaluate_model(model, samples, cfg.eval_batch_size, ctx)
                 progress["evals"].append({"step": progress["step"], **ev})
             save()
     bar.close()
@@ -370,7 +277,7 @@ def run_rank(cfg: TrainConfig, ctx: DistContext,
                               "train_seconds": train_seconds,
                               "plan": str(model.plan) if ctx.is_main else None}
     if cfg.evaluate:
-        final = evaluate_splits(model, samples, cfg.eval_batch_size, ctx)
+        final = evaluate_model(model, samples, cfg.eval_batch_size, ctx)
         progress["evals"].append({"step": progress["step"], **final})
         result["eval"] = final
     result["evals"] = progress["evals"]
