@@ -50,7 +50,7 @@ def content_topic_agreement(store_dir: str, data_dir: str, k: int = 10,
 
 def run_demo(out: str, users: int = 2000, items: int = 3000, interactions: int = 150_000,
              rankers: List[str] = list(DEFAULT_RANKERS), world_size: int = 2,
-             epochs: int = 2, batch_size: int = 512, model_path: Optional[str] = None,
+             epochs: int = 3, batch_size: int = 256, model_path: Optional[str] = None,
              encode: bool = True, seed: int = 0) -> Dict[str, Any]:
     from torchrec_mm.content.encode_job import encode_items
     from torchrec_mm.content.encoder import ContentEncoderConfig
@@ -99,7 +99,9 @@ def run_demo(out: str, users: int = 2000, items: int = 3000, interactions: int =
         timings[f"train_{kind}"] = time.time() - t
         results[kind] = {"eval": r["eval"], "steps": r["steps"],
                          "train_seconds": r["train_seconds"], "world_size": r["world_size"]}
-        curves[kind] = r["curve"]
+        curves[kind] = r["curve"] + [
+            {"step": e["step"], "test_auc": e["test"]["auc"], "cold_auc": e["cold"]["auc"]}
+            for e in r["evals"]]
         slices[kind] = r["eval"]
 
     metrics = {"dataset": dataclasses.asdict(stats),
@@ -143,8 +145,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--rankers", default=",".join(DEFAULT_RANKERS),
                    help="comma-separated ranker kinds to train")
     p.add_argument("--world-size", type=int, default=2)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=512, help="per-rank batch size")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=256, help="per-rank batch size")
     p.add_argument("--model", help="local Hugging Face checkpoint for the content encoder "
                    "(default: the bundled MiniLM)")
     p.add_argument("--no-encode", action="store_true", help="skip content encoding")

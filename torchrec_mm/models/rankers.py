@@ -121,11 +121,37 @@ def table_configs(layout: FeatureLayout, config: RankerConfig) -> RankerTables:
     return RankerTables(pooled=pooled, sequence=sequence)
 
 
+@dataclass
+class RankerCollections:
+    """The embedding collections of a ranker, built but not yet given to the ranker
+    (plugins may wrap them: ``torchrec_mm.plugins``, phase 2).
+
+    Attributes:
+        ebc: the pooled ``EmbeddingBagCollection`` (or a module holding it).
+        ec: the sequence ``EmbeddingCollection`` (target-attention ranker), else None.
+    """
+
+    ebc: nn.Module
+    ec: Optional[nn.Module] = None
+
+
+def build_collections(layout: FeatureLayout, config: RankerConfig,
+                      tables: Optional[RankerTables] = None,
+                      device: Optional[torch.device] = None) -> RankerCollections:
+    """The EBC (and EC) of a ranker from its table configs."""
+    tables = tables or table_configs(layout, config)
+    ebc = EmbeddingBagCollection(tables=tables.pooled, device=device)
+    ec = (EmbeddingCollection(tables=tables.sequence, device=device)
+          if config.kind == "target_attention" else None)
+    return RankerCollections(ebc=ebc, ec=ec)
+
+
 def build_ranker(
     layout: FeatureLayout,
     config: RankerConfig,
     tables: Optional[RankerTables] = None,
     device: Optional[torch.device] = None,
+    collections: Optional[RankerCollections] = None,
 ) -> nn.Module:
     """Builds the ranker. ``forward(dense [B, F_d], kjt) -> logits [B, 1]``.
 
@@ -134,14 +160,16 @@ def build_ranker(
         config: ranker config.
         tables: table configs (default :func:`table_configs`; plugins pass edited ones).
         device: ``meta`` to build without memory, else the compute device.
+        collections: already built (possibly plugin-wrapped) collections; default
+            :func:`build_collections` of ``tables``.
     """
-    tables = tables or table_configs(layout, config)
+    collections = collections or build_collections(layout, config, tables, device)
     D = config.embedding_dim
-    ebc = EmbeddingBagCollection(tables=tables.pooled, device=device)
+    ebc = collections.ebc
     if config.kind == "target_attention":
         from torchrec_mm.models.target_attention import TargetAttentionRanker
 
-        ec = EmbeddingCollection(tables=tables.sequence, device=device)
+        ec = collections.ec
         return TargetAttentionRanker(
             embedding_bag_collection=ebc,
             embedding_collection=ec,

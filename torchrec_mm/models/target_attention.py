@@ -93,8 +93,8 @@ class TargetAttentionRanker(nn.Module):
 
     def __init__(
         self,
-        embedding_bag_collection: EmbeddingBagCollection,
-        embedding_collection: EmbeddingCollection,
+        embedding_bag_collection: nn.Module,
+        embedding_collection: nn.Module,
         dense_in_features: int,
         dense_arch_layer_sizes: List[int],
         over_arch_layer_sizes: List[int],

@@ -9,22 +9,30 @@ A plugin is a subclass of :class:`RankerPlugin` registered under a name with
       - name: my_plugin
         options: {alpha: 0.5}
 
-and acts in two phases, both through :func:`apply_plugins`:
+and acts in up to three phases, each through :func:`apply_plugins` (which dispatches on
+what it is given):
 
-1. **before the model is built** — ``configure_tables(tables, ctx)`` receives the
-   ranker's :class:`~torchrec_mm.models.rankers.RankerTables` (the
+1. **table configs** — ``configure_tables(tables, ctx)`` receives the ranker's
+   :class:`~torchrec_mm.models.rankers.RankerTables` (the
    ``EmbeddingBagConfig``/``EmbeddingConfig`` lists) and returns them, changed or not
    (add a table, change a dim, add a feature to a table);
-2. **after it is built** — ``wrap_model(model, ctx)`` returns the model, typically with
-   an ``EmbeddingBagCollection``/``EmbeddingCollection`` replaced by a module that
-   *holds* it (never a subclass: DMP picks sharders by exact type) and returns the same
-   ``KeyedTensor``/``JaggedTensor`` keys, so the ranker's code does not change.
+2. **embedding collections** — ``wrap_collections(collections, ctx)`` receives the
+   built :class:`~torchrec_mm.models.rankers.RankerCollections` (the EBC and EC)
+   *before the ranker module is constructed* and returns them, typically with a module
+   that *holds* the EBC/EC (never a subclass: DMP picks sharders by exact type) and
+   returns the same ``KeyedTensor``/``JaggedTensor`` keys — values replaced (a proxy in
+   an ID slot) or keys added (a new feature, listed by the wrapper's
+   ``embedding_bag_configs()``/``embedding_configs()`` so that DLRM's interaction arch
+   is sized for it). The ranker's code does not change;
+3. **the built model** — ``wrap_model(model, ctx)`` returns the model, wrapped or with
+   modules replaced (e.g. a different head).
 
 A plugin whose modules must themselves be sharded returns their sharders from
 ``sharders(device)``; the trainer hands them to the planner and DMP before the stock ones.
 
 Plugins are applied in spec order. A name not yet registered is looked up as the
-module ``torchrec_mm.<name>.plugin`` (the package's own methods), then in the
+module ``torchrec_mm.plugins.<name>`` (built-in plugins such as ``content_feature``),
+then ``torchrec_mm.<name>.plugin`` (the package's methods), then in the
 ``torchrec_mm.plugins`` entry-point group (third-party packages).
 """
 
@@ -84,8 +92,12 @@ class RankerPlugin:
         """Phase 1: edit table configs before the model is built."""
         return tables
 
+    def wrap_collections(self, collections: Any, ctx: PluginContext) -> Any:
+        """Phase 2: wrap the EBC/EC before the ranker is constructed."""
+        return collections
+
     def wrap_model(self, model: nn.Module, ctx: PluginContext) -> nn.Module:
-        """Phase 2: wrap or replace modules of the built (unsharded) model."""
+        """Phase 3: wrap or replace modules of the built (unsharded) model."""
         return model
 
     def sharders(self, device: torch.device) -> List[Any]:
@@ -115,11 +127,13 @@ def registered_plugins() -> List[str]:
 
 def get_plugin(name: str) -> Type[RankerPlugin]:
     """The plugin class registered as ``name`` (importing it on first use)."""
-    if name not in _REGISTRY:
+    for module in (f"torchrec_mm.plugins.{name}", f"torchrec_mm.{name}.plugin"):
+        if name in _REGISTRY:
+            break
         try:
-            importlib.import_module(f"torchrec_mm.{name}.plugin")
+            importlib.import_module(module)
         except ModuleNotFoundError as e:
-            if e.name not in (f"torchrec_mm.{name}", f"torchrec_mm.{name}.plugin"):
+            if e.name is None or not module.startswith(e.name):
                 raise
     if name not in _REGISTRY:
         for ep in entry_points(group="torchrec_mm.plugins"):
@@ -203,10 +217,11 @@ def apply_plugins(
     plugins: Optional[List[RankerPlugin]] = None,
 ) -> Any:
     """Applies every plugin of ``spec`` to a ranker's table configs (phase 1, given
-    ``RankerTables``) or to a built ranker (phase 2, given an ``nn.Module``).
+    ``RankerTables``), its embedding collections (phase 2, given ``RankerCollections``)
+    or the built ranker (phase 3, given an ``nn.Module``).
 
     Args:
-        model_or_tables: ``RankerTables`` or an ``nn.Module``.
+        model_or_tables: ``RankerTables``, ``RankerCollections`` or an ``nn.Module``.
         spec: a :class:`PluginSpec`, a spec mapping or a YAML path.
         ctx: the context plugins may read.
         plugins: already instantiated plugins of ``spec`` (to keep state between phases).
@@ -217,9 +232,16 @@ def apply_plugins(
         spec = parse_spec(spec)
     ctx = ctx or PluginContext()
     plugins = plugins if plugins is not None else spec.instantiate()
+    from torchrec_mm.models.rankers import RankerCollections, RankerTables
+
     out = model_or_tables
+    if not isinstance(out, (nn.Module, RankerTables, RankerCollections)):
+        raise TypeError("apply_plugins takes RankerTables, RankerCollections or an "
+                        f"nn.Module, got {type(out).__name__}")
     for p in plugins:
-        if isinstance(out, nn.Module):
+        if isinstance(out, RankerCollections):
+            out = p.wrap_collections(out, ctx)
+        elif isinstance(out, nn.Module):
             out = p.wrap_model(out, ctx)
             if not isinstance(out, nn.Module):
                 raise TypeError(f"plugin '{p.name}'.wrap_model returned "

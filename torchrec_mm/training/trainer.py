@@ -38,7 +38,13 @@ from torchrec_mm.data.batching import (
     RankingBatchDataset,
     RankingSamples,
 )
-from torchrec_mm.models.rankers import RankerConfig, RankerTrain, build_ranker, table_configs
+from torchrec_mm.models.rankers import (
+    RankerConfig,
+    RankerTrain,
+    build_collections,
+    build_ranker,
+    table_configs,
+)
 from torchrec_mm.training import checkpoint as ckpt
 from torchrec_mm.training.evaluate import evaluate_model
 from torchrec_mm.training.distributed import (
@@ -132,7 +138,10 @@ def build_model(cfg: TrainConfig, layout: FeatureLayout) -> Tuple[nn.Module, Lis
     plugins = spec.instantiate() if spec is not None else []
     if plugins:
         tables = apply_plugins(tables, spec, context, plugins)
-    model = build_ranker(layout, ranker_cfg, tables)
+    collections = build_collections(layout, ranker_cfg, tables)
+    if plugins:
+        collections = apply_plugins(collections, spec, context, plugins)
+    model = build_ranker(layout, ranker_cfg, collections=collections)
     if plugins:
         model = apply_plugins(model, spec, context, plugins)
     return RankerTrain(model), plugins
