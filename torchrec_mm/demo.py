@@ -15,8 +15,9 @@ import time
 from typing import Any, Dict, List, Optional
 
 import numpy as np
+import yaml
 
-DEFAULT_RANKERS = ("dlrm", "target_attention")
+DEFAULT_RANKERS = ("dlrm", "target_attention", "dlrm+content_feature")
 
 
 def content_topic_agreement(store_dir: str, data_dir: str, k: int = 10,
@@ -89,20 +90,32 @@ def run_demo(out: str, users: int = 2000, items: int = 3000, interactions: int =
     results: Dict[str, Any] = {}
     curves: Dict[str, List[Dict[str, Any]]] = {}
     slices: Dict[str, Any] = {}
-    for kind in rankers:
+    for variant in rankers:
+        kind, _, plugin = variant.partition("+")
+        spec_path = None
+        if plugin:
+            if not encode:
+                raise ValueError(f"variant '{variant}' needs the content store: drop "
+                                 "--no-encode")
+            spec_path = os.path.join(out, "plugins", f"{plugin}.yaml")
+            os.makedirs(os.path.dirname(spec_path), exist_ok=True)
+            with open(spec_path, "w") as f:
+                yaml.safe_dump({"plugins": [{"name": plugin, "options": {
+                    "store": os.path.abspath(os.path.join(out, "content"))}}]}, f)
         t = time.time()
-        cfg = TrainConfig(data=data_dir, out=os.path.join(out, "runs", kind),
-                          ranker=RankerConfig(kind=kind), world_size=world_size,
+        cfg = TrainConfig(data=data_dir, out=os.path.join(out, "runs", variant),
+                          ranker=RankerConfig(kind=kind), plugins=spec_path,
+                          world_size=world_size,
                           epochs=epochs, batch_size=batch_size, seed=seed,
                           checkpoint_every=200)
         r = train(cfg)
-        timings[f"train_{kind}"] = time.time() - t
-        results[kind] = {"eval": r["eval"], "steps": r["steps"],
+        timings[f"train_{variant}"] = time.time() - t
+        results[variant] = {"eval": r["eval"], "steps": r["steps"],
                          "train_seconds": r["train_seconds"], "world_size": r["world_size"]}
-        curves[kind] = r["curve"] + [
+        curves[variant] = r["curve"] + [
             {"step": e["step"], "test_auc": e["test"]["auc"], "cold_auc": e["cold"]["auc"]}
             for e in r["evals"]]
-        slices[kind] = r["eval"]
+        slices[variant] = r["eval"]
 
     metrics = {"dataset": dataclasses.asdict(stats),
                "content": content, "rankers": results, "timings_s": timings}
@@ -116,7 +129,7 @@ def run_demo(out: str, users: int = 2000, items: int = 3000, interactions: int =
             tables=[Table.from_flat("topic recovery by content nearest neighbours",
                                     {k: v for k, v in content.items() if k != "store"})]))
     path = write_report(
-        out, metrics, curves=curves, title="torchrec-mm demo: baseline rankers",
+        out, metrics, curves=curves, title="torchrec-mm demo: baseline rankers and content as a feature",
         config={"users": users, "items": items, "interactions": interactions,
                 "world_size": world_size, "epochs": epochs, "batch_size": batch_size,
                 "rankers": rankers},
@@ -143,7 +156,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--items", type=int, default=3000)
     p.add_argument("--interactions", type=int, default=150_000)
     p.add_argument("--rankers", default=",".join(DEFAULT_RANKERS),
-                   help="comma-separated ranker kinds to train")
+                   help="comma-separated variants to train: a ranker kind (dlrm, dlrm_dcn, "
+                   "target_attention), optionally '+plugin' (e.g. dlrm+content_feature)")
     p.add_argument("--world-size", type=int, default=2)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=256, help="per-rank batch size")

@@ -88,10 +88,14 @@ def save_checkpoint(root: str, step: int, state: Dict[str, Any], keep: int = 2) 
         partial = final + ".partial"
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(partial)
-        save_tensors(os.path.join(partial, "tensors.safetensors"), full)
-        with atomic_path(os.path.join(partial, "state.json")) as tmp:
-            with open(tmp, "w") as f:
-                json.dump({"step": step, "skeleton": skeleton}, f)
+        try:
+            save_tensors(os.path.join(partial, "tensors.safetensors"), full)
+            with atomic_path(os.path.join(partial, "state.json")) as tmp:
+                with open(tmp, "w") as f:
+                    json.dump({"step": step, "skeleton": skeleton}, f)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
         write_text(os.path.join(root, LATEST), name + "\n")
