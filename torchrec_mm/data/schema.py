@@ -23,6 +23,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+import numpy as np
 import pyarrow as pa
 
 FORMAT_VERSION = "torchrec-mm/v1"
@@ -63,6 +64,24 @@ USER_SCHEMA = pa.schema(
     ]
 )
 USER_ATTR_PREFIX = "attr_"
+
+# The compact in-memory form of the interaction columns
+# (``io.load_interaction_columns``, used by the batcher): ``scenario`` becomes an
+# index into ``DatasetMeta.scenarios``.
+NUMPY_DTYPES: Dict[str, Any] = {
+    "user_id": np.int64,
+    "item_id": np.int64,
+    "scenario": np.int16,
+    "actions": np.int64,
+    "duration": np.float32,
+    "timestamp": np.int64,
+    "label": np.int8,
+}
+
+# By convention action bit 0 is the click (``label``) in every built-in importer.
+CLICK_ACTION = "is_click"
+# ``actions`` is a signed int64: at most 63 action bits.
+MAX_ACTIONS = 63
 
 
 class DataError(ValueError):

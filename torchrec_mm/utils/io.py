@@ -5,10 +5,10 @@ import contextlib
 import json
 import os
 import tempfile
-from typing import Any, Dict, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional
 
-import torch
-from safetensors.torch import load_file, save_file
+if TYPE_CHECKING:  # torch is imported lazily: data-only commands start fast
+    import torch
 
 
 @contextlib.contextmanager
@@ -48,23 +48,25 @@ def write_text(path: str, text: str) -> None:
             f.write(text)
 
 
-def save_tensors(path: str, tensors: Dict[str, torch.Tensor],
+def save_tensors(path: str, tensors: Dict[str, "torch.Tensor"],
                  metadata: Optional[Dict[str, str]] = None) -> None:
     """Atomically saves tensors with safetensors (no pickle)."""
+    from safetensors.torch import save_file
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(contiguous, tmp, metadata=metadata)
 
 
-def load_tensors(path: str) -> Dict[str, torch.Tensor]:
+def load_tensors(path: str) -> Dict[str, "torch.Tensor"]:
     """Loads a safetensors file (never unpickles)."""
+    from safetensors.torch import load_file
     return load_file(path, device="cpu")
 
 
 def _json_default(o: Any) -> Any:
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if hasattr(o, "item"):
+    if hasattr(o, "numel") and hasattr(o, "tolist"):  # torch.Tensor
+        return o.tolist() if o.numel() != 1 else o.item()
+    if hasattr(o, "item") and getattr(o, "size", 2) == 1:
         return o.item()
     if hasattr(o, "tolist"):
         return o.tolist()

@@ -1,0 +1,74 @@
+import argparse
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from torchrec_mm.data import cli
+from torchrec_mm.data.io import load_meta
+from torchrec_mm.data.schema import DataError
+from torchrec_mm.data.split import load_split
+
+
+def run(*argv):
+    parser = argparse.ArgumentParser(prog="torchrec-mm")
+    sub = parser.add_subparsers(dest="command")
+    cli.register(sub)
+    args = parser.parse_args(list(argv))
+    return args.func(args)
+
+
+def test_synth_split_stats_validate(tmp_path, capsys):
+    out = str(tmp_path / "synth")
+    assert run("data", "synth", "--out", out, "--users", "50", "--items", "80",
+               "--interactions", "3000", "--seed", "3", "--topics", "6") == 0
+    meta = load_meta(out)
+    assert meta.num_interactions == 3000 and meta.source["config"]["num_topics"] == 6
+    with pytest.raises(FileExistsError):
+        run("data", "synth", "--out", out, "--users", "50", "--items", "80",
+            "--interactions", "3000")
+    assert run("data", "split", "--data", out, "--cold-item-frac", "0.2") == 0
+    assert load_split(out).info["cold_item_frac"] == 0.2
+    capsys.readouterr()
+    assert run("data", "stats", "--data", out) == 0
+    text = capsys.readouterr().out
+    for fragment in ("interactions   3000", "CTR", "homefeed", "search", "ads", "cold items"):
+        assert fragment in text
+    assert run("data", "validate", "--data", out) == 0
+    assert "OK" in capsys.readouterr().out
+
+    # corrupt one row: validate names it, --skip-bad counts it (exit 1)
+    part = os.path.join(out, "interactions", "part-00000.parquet")
+    t = pq.read_table(part)
+    ts = t.column("timestamp").to_pylist()
+    ts[5] = -1
+    pq.write_table(t.set_column(t.schema.get_field_index("timestamp"), "timestamp",
+                                pa.array(ts, pa.int64())), part)
+    with pytest.raises(DataError, match="record 5, field 'timestamp'"):
+        run("data", "validate", "--data", out)
+    assert run("data", "validate", "--data", out, "--skip-bad") == 1
+    assert "1 bad rows" in capsys.readouterr().out
+
+
+def test_import_cli(tmp_path, capsys):
+    src = tmp_path / "reviews.json"
+    src.write_text('{"reviewerID": "A", "asin": "B", "overall": 5, "unixReviewTime": 1}\n'
+                   'not json\n')
+    out = str(tmp_path / "ds")
+    with pytest.raises(DataError, match="line 2"):
+        run("data", "import", "--format", "amazon2018", "--src", str(src), "--out", out)
+    assert run("data", "import", "--format", "amazon2018", "--src", str(src), "--out", out,
+               "--skip-bad") == 0
+    assert "skipped 1 bad records" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--items"):
+        run("data", "import", "--format", "amazon2018", "--src", str(src), "--out", out,
+            "--items", "x", "--overwrite")
+
+
+def test_help_texts(capsys):
+    for sub in ("import", "synth", "split", "stats", "validate"):
+        with pytest.raises(SystemExit) as e:
+            run("data", sub, "--help")
+        assert e.value.code == 0
+        assert "--" in capsys.readouterr().out
