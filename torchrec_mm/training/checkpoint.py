@@ -53,15 +53,84 @@ def _key(k: Any) -> Any:
     raise TypeError(f"state dict keys must be str or int, got {type(k).__name__}")
 
 
-def _gather_full(t: Any, rank: int) -> Optional[torch.Tensor]:
-    """Full copy of a (possibly sharded) tensor on rank 0; collective for sharded ones."""
+def _local_shards(t: Any) -> List[Tuple[List[int], torch.Tensor]]:
+    """(offsets, data) of the shards of ``t`` held by this rank."""
     if isinstance(t, ShardedTensor):
-        out = torch.empty(t.size(), dtype=t.dtype) if rank == 0 else None
-        t.gather(dst=0, out=out)
+        return [(list(sh.metadata.shard_offsets), sh.tensor.detach().cpu())
+                for sh in t.local_shards()]
+    return [([0] * t.dim(), t.detach().cpu())]
+
+
+def _all_gather_bytes(data: bytes, world: int) -> List[bytes]:
+    """All-gathers a byte string from every rank (tensors only, no pickle)."""
+    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
+    n = torch.tensor([buf.numel()], dtype=torch.long)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    width = int(max(int(x) for x in sizes))
+    padded = torch.zeros(width, dtype=torch.uint8)
+    padded[:buf.numel()] = buf
+    out = [torch.zeros(width, dtype=torch.uint8) for _ in range(world)]
+    dist.all_gather(out, padded)
+    return [bytes(o[:int(k)].tolist()) for o, k in zip(out, sizes)]
+
+
+def _gather_to_rank0(tensors: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """Full tensors of every key held by any rank, assembled on rank 0.
+
+    Ranks may hold different keys (a fused optimizer keeps the state of its local
+    tables only) and different shards of a key; the key sets, full shapes and dtypes
+    are exchanged first, then every shard is sent, in the same order on every rank.
+    A plain (replicated) tensor that rank 0 holds is taken as it is.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        out = {}
+        for k, t in tensors.items():
+            full = torch.empty(tuple(t.size()), dtype=t.dtype)
+            for offsets, data in _local_shards(t):
+                full[tuple(slice(o, o + n) for o, n in zip(offsets, data.shape))] = data
+            out[k] = full
         return out
-    if hasattr(t, "full_tensor"):  # DTensor
-        return t.full_tensor().cpu()
-    return t.detach().cpu()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    spec = {k: {"shape": list(t.size()), "dtype": str(t.dtype).replace("torch.", ""),
+                "sharded": isinstance(t, ShardedTensor)} for k, t in tensors.items()}
+    specs = [json.loads(b.decode()) for b in _all_gather_bytes(json.dumps(spec).encode(), world)]
+    keys = sorted(set().union(*specs))
+    out: Dict[str, torch.Tensor] = {}
+    for key in keys:
+        holders = [r for r in range(world) if key in specs[r]]
+        info = specs[holders[0]][key]
+        dtype = getattr(torch, info["dtype"])
+        if key in specs[0] and not specs[0][key]["sharded"]:
+            if rank == 0:
+                out[key] = tensors[key].detach().cpu().clone()
+            continue
+        # senders: every rank with shards; a replicated plain tensor from one rank only
+        plain = [r for r in holders if not specs[r][key]["sharded"]]
+        mine: List[Tuple[List[int], torch.Tensor]] = []
+        if key in tensors and (specs[rank][key]["sharded"] or (plain and rank == plain[0])):
+            mine = _local_shards(tensors[key])
+        ndim = len(info["shape"])
+        meta = torch.tensor([x for offs, d in mine for x in (*offs, *d.shape)],
+                            dtype=torch.long).reshape(len(mine), 2 * ndim)
+        counts = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
+        dist.all_gather(counts, torch.tensor([len(mine)], dtype=torch.long))
+        width = max(int(c) for c in counts)
+        padded = torch.zeros(width, 2 * ndim, dtype=torch.long)
+        padded[:len(mine)] = meta
+        metas = [torch.zeros_like(padded) for _ in range(world)]
+        dist.all_gather(metas, padded)
+        full = torch.empty(info["shape"], dtype=dtype) if rank == 0 else None
+        for r in range(world):
+            for j in range(int(counts[r])):
+                offs, sizes = metas[r][j, :ndim].tolist(), metas[r][j, ndim:].tolist()
+                buf = mine[j][1].contiguous() if r == rank else torch.empty(sizes, dtype=dtype)
+                dist.broadcast(buf, src=r)
+                if rank == 0:
+                    full[tuple(slice(o, o + n) for o, n in zip(offs, sizes))] = buf
+        if rank == 0:
+            out[key] = full
+    return out
 
 
 def save_checkpoint(root: str, step: int, state: Dict[str, Any], keep: int = 2) -> Optional[str]:
@@ -75,11 +144,7 @@ def save_checkpoint(root: str, step: int, state: Dict[str, Any], keep: int = 2) 
     rank = dist.get_rank() if dist.is_initialized() else 0
     tensors: Dict[str, Any] = {}
     skeleton = _flatten(state, "", tensors)
-    full: Dict[str, torch.Tensor] = {}
-    for key in sorted(tensors):  # same order on every rank: gather is collective
-        g = _gather_full(tensors[key], rank)
-        if rank == 0 and g is not None:
-            full[key] = g
+    full = _gather_to_rank0(tensors)
     final = None
     if rank == 0:
         os.makedirs(root, exist_ok=True)
@@ -144,35 +209,61 @@ def _copy_into_shards(dst: ShardedTensor, full: torch.Tensor, path: str) -> None
         shard.tensor.detach().copy_(full[index])
 
 
-def restore(target: Any, skeleton: Any, tensors: Dict[str, torch.Tensor], path: str = "") -> Any:
-    """Fills ``target`` (a live state dict structure) from a checkpoint.
+def child(skeleton: Any, key: Any) -> Any:
+    if isinstance(skeleton, dict) and "__dict__" in skeleton:
+        for k, v in skeleton["__dict__"]:
+            if k == key or str(k) == str(key):
+                return v
+    if isinstance(skeleton, dict) and "__list__" in skeleton and isinstance(key, int):
+        items = skeleton["__list__"]
+        return items[key] if key < len(items) else None
+    return None
 
-    Sharded leaves are filled in place; plain tensor leaves are replaced by the saved
-    values; JSON leaves by their saved values. Returns the structure to pass to
-    ``load_state_dict``.
+
+def restore(target: Any, skeleton: Any, tensors: Dict[str, torch.Tensor], path: str = "",
+            values_from_checkpoint: bool = True) -> Any:
+    """Fills ``target`` (a live state structure of this rank) from a checkpoint.
+
+    The walk follows ``target``: every tensor leaf is looked up by its path in
+    ``tensors`` (the full tensors), sharded leaves are filled in place (this rank's
+    shards), plain ones replaced. Non-tensor leaves come from ``skeleton`` when
+    ``values_from_checkpoint`` (training progress), else stay as they are (optimizer
+    param groups, which differ between ranks). Lists take the checkpoint's length.
+
+    Returns:
+        The structure to pass to ``load_state_dict``.
+
+    Raises:
+        ValueError: a tensor of the target is missing or has another shape.
     """
-    if isinstance(skeleton, dict) and _TENSOR_KEY in skeleton:
-        saved = tensors[skeleton[_TENSOR_KEY]]
+    if isinstance(target, (torch.Tensor, ShardedTensor)) or (
+            target is None and isinstance(skeleton, dict) and _TENSOR_KEY in skeleton):
+        if path not in tensors:
+            raise ValueError(f"the checkpoint has no tensor '{path}'")
+        saved = tensors[path]
         if isinstance(target, ShardedTensor):
             _copy_into_shards(target, saved, path)
             return target
-        if isinstance(target, torch.Tensor) and tuple(target.shape) != tuple(saved.shape):
+        if target is None:
+            return saved
+        if tuple(target.shape) != tuple(saved.shape):
             raise ValueError(f"checkpoint tensor '{path}' has shape {tuple(saved.shape)}, "
                              f"the model expects {tuple(target.shape)}")
-        return saved.to(target.dtype) if isinstance(target, torch.Tensor) else saved
-    if isinstance(skeleton, dict) and "__dict__" in skeleton:
-        items = skeleton["__dict__"]
-        target = target if isinstance(target, dict) else {}
-        out = type(target)() if isinstance(target, dict) else {}
-        for k, sk in items:
-            if isinstance(target, dict) and k not in target and str(k) in target:
-                k = str(k)
-            out[k] = restore(target.get(k) if isinstance(target, dict) else None,
-                             sk, tensors, f"{path}/{k}")
-        return out
-    if isinstance(skeleton, dict) and "__list__" in skeleton:
-        seq: List[Any] = list(target) if isinstance(target, (list, tuple)) else []
-        vals = [restore(seq[i] if i < len(seq) else None, sk, tensors, f"{path}/{i}")
-                for i, sk in enumerate(skeleton["__list__"])]
-        return type(target)(vals) if isinstance(target, tuple) else vals
-    return skeleton
+        return saved.to(target.dtype)
+    if isinstance(target, dict):
+        return type(target)((k, restore(v, child(skeleton, k), tensors, f"{path}/{k}",
+                                        values_from_checkpoint)) for k, v in target.items())
+    if isinstance(target, (list, tuple)) or (
+            target is None and isinstance(skeleton, dict) and "__list__" in skeleton):
+        seq = list(target or [])
+        n = len(skeleton["__list__"]) if (values_from_checkpoint and isinstance(
+            skeleton, dict) and "__list__" in skeleton) else len(seq)
+        vals = [restore(seq[i] if i < len(seq) else None, child(skeleton, i), tensors,
+                        f"{path}/{i}", values_from_checkpoint) for i in range(n)]
+        return tuple(vals) if isinstance(target, tuple) else vals
+    if target is None and isinstance(skeleton, dict) and "__dict__" in skeleton:
+        return {k: restore(None, v, tensors, f"{path}/{k}", values_from_checkpoint)
+                for k, v in skeleton["__dict__"]}
+    if values_from_checkpoint and skeleton is not None:
+        return skeleton
+    return target

@@ -155,9 +155,8 @@ def evaluate_run(run: str, data: Optional[str] = None, batch_size: int = 4096,
         model, plugins = build_model(cfg, samples.layout)
         model = shard_model(model, cfg, ctx, plugins)
         step, skeleton, tensors = ckpt.read_checkpoint(latest)
-        live = {"model": model.state_dict()}
-        model.load_state_dict(ckpt.restore(live, {"__dict__": [
-            [k, v] for k, v in skeleton["__dict__"] if k == "model"]}, tensors)["model"])
+        model.load_state_dict(ckpt.restore(model.state_dict(), ckpt.child(skeleton, "model"),
+                                           tensors, "/model", values_from_checkpoint=False))
         metrics = {"run": run, "checkpoint": latest, "step": step,
                    "slices": evaluate_model(model, samples, batch_size, ctx)}
         write_json(os.path.join(out or run, "eval_metrics.json"), metrics)

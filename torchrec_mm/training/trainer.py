@@ -162,9 +162,9 @@ def shard_model(model: nn.Module, cfg: TrainConfig, ctx: DistContext,
                      batch_size=cfg.batch_size, sharders=sharders)
     dmp = DistributedModelParallel(module=model, device=ctx.device, plan=plan,
                                    sharders=sharders)
-    tensors: Dict[str, Any] = {}
-    skeleton = ckpt._flatten(full_state, "", tensors)
-    dmp.load_state_dict(ckpt.restore(dmp.state_dict(), skeleton, tensors))
+    tensors = {f"/{k}": v for k, v in full_state.items()}
+    dmp.load_state_dict(ckpt.restore(dmp.state_dict(), None, tensors,
+                                     values_from_checkpoint=False))
     return dmp
 
 
@@ -217,12 +217,14 @@ def run_rank(cfg: TrainConfig, ctx: DistContext,
     if latest is not None:
         _, skeleton, tensors = ckpt.read_checkpoint(latest)
         optimizer.init_state()  # KeyedOptimizer loads only into initialised state
-        live = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "progress": progress}
-        restored = ckpt.restore(live, skeleton, tensors)
-        model.load_state_dict(restored["model"])
-        optimizer.load_state_dict(restored["optimizer"])
-        progress = restored["progress"]
+        # tensors by path; optimizer param groups stay this rank's own
+        model.load_state_dict(ckpt.restore(model.state_dict(), ckpt.child(skeleton, "model"),
+                                           tensors, "/model", values_from_checkpoint=False))
+        optimizer.load_state_dict(ckpt.restore(
+            optimizer.state_dict(), ckpt.child(skeleton, "optimizer"), tensors, "/optimizer",
+            values_from_checkpoint=False))
+        progress = ckpt.restore(progress, ckpt.child(skeleton, "progress"), tensors,
+                                "/progress")
         if ctx.is_main:
             logger.info("resumed from %s at step %d", latest, progress["step"])
 
