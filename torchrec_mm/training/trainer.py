@@ -91,7 +91,7 @@ class TrainConfig:
     epochs: int = 1
     max_steps: Optional[int] = None
     dense_optimizer: str = "adam"
-    dense_lr: float = 1e-3
+    dense_lr: float = 5e-3
     embedding_optimizer: str = "adagrad"
     embedding_lr: float = 0.05
     world_size: int = 1
