@@ -33,11 +33,14 @@ A plugin whose modules must themselves be sharded returns their sharders from
 Plugins are applied in spec order. A name not yet registered is looked up as the
 module ``torchrec_mm.plugins.<name>`` (built-in plugins such as ``content_feature``),
 then ``torchrec_mm.<name>.plugin`` (the package's methods), then in the
-``torchrec_mm.plugins`` entry-point group (third-party packages).
+``torchrec_mm.plugins`` entry-point group (third-party packages). A spec may also list
+modules to import first (``imports: [my_package.my_plugins]``), which is how a plugin
+defined in your own code reaches every spawned rank.
 """
 
 import dataclasses
 import importlib
+import inspect
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Callable, ClassVar, Dict, List, Optional, Type, TypeVar, Union
@@ -111,7 +114,8 @@ def register_plugin(name: str) -> Callable[[P], P]:
     def deco(cls: P) -> P:
         if not (isinstance(cls, type) and issubclass(cls, RankerPlugin)):
             raise TypeError(f"@register_plugin('{name}') needs a RankerPlugin subclass")
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
+        if name in _REGISTRY and _REGISTRY[name] is not cls and not _same_definition(
+                _REGISTRY[name], cls):
             raise ValueError(f"a plugin named '{name}' is already registered "
                              f"({_REGISTRY[name].__module__}.{_REGISTRY[name].__name__})")
         cls.name = name
@@ -119,6 +123,14 @@ def register_plugin(name: str) -> Callable[[P], P]:
         return cls
 
     return deco
+
+
+def _same_definition(a: type, b: type) -> bool:
+    """The same class imported twice (e.g. as ``__main__`` and by name in a spawned rank)."""
+    try:
+        return a.__qualname__ == b.__qualname__ and inspect.getfile(a) == inspect.getfile(b)
+    except TypeError:
+        return False
 
 
 def registered_plugins() -> List[str]:
@@ -157,8 +169,14 @@ class PluginSpec:
     plugins: List[Any] = field(default_factory=list)
     ranker: Dict[str, Any] = field(default_factory=dict)
     source: str = "<spec>"
+    imports: List[str] = field(default_factory=list)
 
     def instantiate(self) -> List[RankerPlugin]:
+        for module in self.imports:
+            try:
+                importlib.import_module(module)
+            except ImportError as e:
+                raise ValueError(f"{self.source}: imports: cannot import '{module}': {e}") from e
         out = []
         for i, (name, options) in enumerate(self.plugins):
             try:
@@ -174,10 +192,13 @@ def parse_spec(raw: Any, source: str = "<spec>") -> PluginSpec:
         return PluginSpec(source=source)
     if not isinstance(raw, dict):
         raise ValueError(f"{source}: a plugin spec is a mapping with a 'plugins' list")
-    unknown = set(raw) - {"plugins", "ranker", "description"}
+    unknown = set(raw) - {"plugins", "ranker", "description", "imports"}
     if unknown:
         raise ValueError(f"{source}: unknown top-level key(s) {sorted(unknown)} "
-                         "(allowed: plugins, ranker, description)")
+                         "(allowed: plugins, ranker, imports, description)")
+    imports = raw.get("imports") or []
+    if not isinstance(imports, list) or not all(isinstance(m, str) for m in imports):
+        raise ValueError(f"{source}: 'imports' must be a list of module names")
     items = raw.get("plugins") or []
     if not isinstance(items, list):
         raise ValueError(f"{source}: 'plugins' must be a list")
@@ -197,7 +218,7 @@ def parse_spec(raw: Any, source: str = "<spec>") -> PluginSpec:
     ranker = raw.get("ranker") or {}
     if not isinstance(ranker, dict):
         raise ValueError(f"{source}: 'ranker' must be a mapping")
-    return PluginSpec(plugins=plugins, ranker=ranker, source=source)
+    return PluginSpec(plugins=plugins, ranker=ranker, source=source, imports=imports)
 
 
 def load_spec(path: str) -> PluginSpec:
