@@ -53,7 +53,7 @@ from torchrec_mm.training.distributed import (
     launched_by_torchrun,
     spawn,
 )
-from torchrec_mm.training.sharding import default_sharders, make_plan
+from torchrec_mm.training.sharding import SHARDING_TYPES, default_sharders, make_plan
 from torchrec_mm.utils.io import write_json
 
 logger = logging.getLogger(__name__)
@@ -104,6 +104,22 @@ class TrainConfig:
     resume: bool = True
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        if self.embedding_optimizer not in EMBEDDING_OPTIMIZERS:
+            raise ValueError(f"unknown embedding optimizer '{self.embedding_optimizer}', "
+                             f"expected one of {sorted(EMBEDDING_OPTIMIZERS)}")
+        if self.dense_optimizer not in ("adam", "sgd"):
+            raise ValueError(f"unknown dense optimizer '{self.dense_optimizer}' (adam, sgd)")
+        if self.sharding_type not in SHARDING_TYPES:
+            raise ValueError(f"unknown sharding type '{self.sharding_type}', expected one "
+                             f"of {SHARDING_TYPES}")
+        for name in ("batch_size", "eval_batch_size", "epochs", "world_size",
+                     "history_length", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -126,24 +142,20 @@ def build_model(cfg: TrainConfig, layout: FeatureLayout) -> Tuple[nn.Module, Lis
     Returns:
         (model, plugin instances) — the plugins also contribute sharders.
     """
-    from torchrec_mm.plugins import PluginContext, apply_plugins, load_spec
+    from torchrec_mm.plugins import PluginContext, PluginSpec, apply_plugins, load_spec
 
     torch.manual_seed(cfg.seed)
-    spec = load_spec(cfg.plugins) if cfg.plugins else None
+    spec = load_spec(cfg.plugins) if cfg.plugins else PluginSpec()
     ranker_cfg = cfg.ranker
-    if spec is not None and spec.ranker:
+    if spec.ranker:
         ranker_cfg = RankerConfig.from_dict({**dataclasses.asdict(cfg.ranker), **spec.ranker})
-    tables = table_configs(layout, ranker_cfg)
     context = PluginContext(data_dir=cfg.data, layout=layout, ranker=ranker_cfg)
-    plugins = spec.instantiate() if spec is not None else []
-    if plugins:
-        tables = apply_plugins(tables, spec, context, plugins)
-    collections = build_collections(layout, ranker_cfg, tables)
-    if plugins:
-        collections = apply_plugins(collections, spec, context, plugins)
-    model = build_ranker(layout, ranker_cfg, collections=collections)
-    if plugins:
-        model = apply_plugins(model, spec, context, plugins)
+    plugins = spec.instantiate()
+    tables = apply_plugins(table_configs(layout, ranker_cfg), spec, context, plugins)
+    collections = apply_plugins(build_collections(layout, ranker_cfg, tables), spec,
+                                context, plugins)
+    model = apply_plugins(build_ranker(layout, ranker_cfg, collections=collections), spec,
+                          context, plugins)
     return RankerTrain(model), plugins
 
 
@@ -171,12 +183,8 @@ def shard_model(model: nn.Module, cfg: TrainConfig, ctx: DistContext,
 def make_optimizer(model: DistributedModelParallel, cfg: TrainConfig) -> CombinedOptimizer:
     dense = dict(in_backward_optimizer_filter(model.named_parameters()))
     dense = {k: v for k, v in dense.items() if v.requires_grad}
-    if cfg.dense_optimizer == "adam":
-        dense_opt = KeyedOptimizerWrapper(dense, lambda p: torch.optim.Adam(p, lr=cfg.dense_lr))
-    elif cfg.dense_optimizer == "sgd":
-        dense_opt = KeyedOptimizerWrapper(dense, lambda p: torch.optim.SGD(p, lr=cfg.dense_lr))
-    else:
-        raise ValueError(f"unknown dense optimizer '{cfg.dense_optimizer}' (adam, sgd)")
+    opt_cls = torch.optim.Adam if cfg.dense_optimizer == "adam" else torch.optim.SGD
+    dense_opt = KeyedOptimizerWrapper(dense, lambda p: opt_cls(p, lr=cfg.dense_lr))
     return CombinedOptimizer([model.fused_optimizer, dense_opt])
 
 
