@@ -33,6 +33,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-resume", action="store_true",
                    help="start from scratch even if OUT has a checkpoint")
     p.add_argument("--no-eval", action="store_true", help="skip evaluation")
+    p.add_argument("--pipeline", action="store_true",
+                   help="train through TrainPipelineSparseDist (overlaps input dist)")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -53,6 +55,8 @@ def config_from_args(args: argparse.Namespace):
         flags["resume"] = False
     if args.no_eval:
         flags["evaluate"] = False
+    if args.pipeline:
+        flags["pipeline"] = True
     if args.config:
         cfg = load_train_config(args.config, **flags)
     else:

@@ -18,7 +18,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -79,6 +79,8 @@ class TrainConfig:
         sharding_type: planner constraint for every table (``auto``: planner's choice).
         checkpoint_every: steps between checkpoints (0: only at the end of epochs).
         max_steps: stop after this many steps (None: ``epochs`` full epochs).
+        pipeline: train through ``TrainPipelineSparseDist`` (input dist of batch i+1
+            overlapped with step i).
     """
 
     data: str
@@ -103,6 +105,7 @@ class TrainConfig:
     evaluate: bool = True
     resume: bool = True
     progress: bool = True
+    pipeline: bool = False
 
     def __post_init__(self) -> None:
         if self.embedding_optimizer not in EMBEDDING_OPTIMIZERS:
@@ -191,6 +194,36 @@ def make_optimizer(model: DistributedModelParallel, cfg: TrainConfig) -> Combine
 # ----------------------------------------------------------------------------- train
 
 
+def _train_steps(model: nn.Module, optimizer: CombinedOptimizer, loader: Any,
+                 ctx: DistContext, pipeline: Optional[Any]) -> Iterator[torch.Tensor]:
+    """One optimizer step per item; yields the step's loss.
+
+    With ``pipeline`` (``TrainPipelineSparseDist``) the sparse input dist of the next
+    batch overlaps the current step, as in TorchRec's production loops.
+    """
+    if pipeline is None:
+        for batch in loader:
+            loss, _ = model(batch.to(ctx.device))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            yield loss
+        return
+    # the pipeline rewrites the sharded modules' forward; detach it when the loop ends
+    # so that evaluation can call the model directly, and re-attach for the next epoch
+    pipeline.attach()
+    it = iter(loader)
+    try:
+        while True:
+            try:
+                out = pipeline.progress(it)  # RankerTrain's (loss, logits, labels)
+            except StopIteration:
+                return
+            yield out[0]
+    finally:
+        pipeline.detach()
+
+
 def _worker(cfg: TrainConfig) -> None:
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", cfg.world_size))
@@ -250,6 +283,11 @@ def run_rank(cfg: TrainConfig, ctx: DistContext,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "progress": progress})
 
+    pipeline = None
+    if cfg.pipeline:
+        from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+        pipeline = TrainPipelineSparseDist(model, optimizer, ctx.device)
     bar = tqdm(total=total_steps, initial=progress["step"], desc=f"train[{cfg.ranker.kind}]",
                disable=not (ctx.is_main and cfg.progress), dynamic_ncols=True)
     t_start = time.time()
@@ -259,11 +297,7 @@ def run_rank(cfg: TrainConfig, ctx: DistContext,
         loader = DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers,
                             persistent_workers=False)
         running: List[float] = []
-        for batch in loader:
-            loss, _ = model(batch.to(ctx.device))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        for loss in _train_steps(model, optimizer, loader, ctx, pipeline):
             progress["step"] += 1
             progress["batch_in_epoch"] += 1
             running.append(float(loss.detach()))
