@@ -14,6 +14,7 @@ from typing import List, Optional
 # (subcommand module, in the order `--help` lists them)
 _COMMAND_MODULES = [
     "torchrec_mm.demo",
+    "torchrec_mm.experiment",
     "torchrec_mm.data.cli",
     "torchrec_mm.content.cli",
     "torchrec_mm.training.cli",
