@@ -5,9 +5,11 @@ ranks (per-rank batch B) and, in this process, unsharded on the same global batc
 (2B). Losses of every step and the final predictions must agree.
 
 TorchRec's gradient semantics make the comparison exact: dense gradients are averaged
-by DDP (= the global-batch mean), sharded embedding rows receive the *sum* of the two
-ranks' mean gradients (= 2 x the global mean), data-parallel tables the average. So the
-unsharded reference uses SGD with the embedding learning rate x2 for sharded tables.
+by DDP, and the backward all-to-all of sharded tables divides by the world size
+(``torchrec.distributed.comm_ops`` GRADIENT_DIVISION, on by default), so every
+parameter gets the global-batch mean gradient, as in the single process. The embedding
+learning rate is large so that a wrong gradient scale (e.g. x2) is far outside the
+tolerance: the test checks that too.
 """
 
 import json
@@ -34,7 +36,7 @@ from torchrec_mm.training.evaluate import predict
 WORLD = 2
 B = 64
 STEPS = 12
-EMB_LR = 0.5
+EMB_LR = 50.0
 DENSE_LR = 0.1
 CASES = [
     ("dlrm", "table_wise"),
@@ -93,13 +95,12 @@ def _worker(out_dir: str) -> None:
             json.dump(results, f)
 
 
-def _reference(kind: str, sharding: str, samples):
+def _reference(kind: str, sharding: str, samples, scale: float = 1.0):
     cfg = _config(kind, sharding)
     model, _ = build_model(cfg, samples.layout)
     emb = embedding_parameters(model)
     emb_ids = {id(p) for p in emb}
     dense = [p for p in model.parameters() if id(p) not in emb_ids]
-    scale = 1.0 if sharding == "data_parallel" else float(WORLD)
     opt = torch.optim.SGD([{"params": emb, "lr": EMB_LR * scale},
                            {"params": dense, "lr": DENSE_LR}])
     ds = RankingBatchDataset(samples, "train", B * WORLD, seed=0, rank=0, world_size=1)
@@ -130,11 +131,12 @@ def sharded(tmp_path_factory):
 def test_two_rank_matches_single_process(sharded, kind, sharding):
     samples = _samples()
     ref_loss, ref_score, initial = _reference(kind, sharding, samples)
+    _, wrong_score, _ = _reference(kind, sharding, samples, scale=2.0)
     got = sharded[f"{kind}/{sharding}"]
     assert sharding in got["plan"] or sharding == "auto"
-    # fbgemm's fused kernels sum in another order than nn.EmbeddingBag: float drift
-    # of ~1e-5 per step, far below what training moves (checked below)
-    np.testing.assert_allclose(got["loss"], ref_loss, rtol=0, atol=1e-4)
-    np.testing.assert_allclose(got["score"], ref_score, rtol=0, atol=5e-4)
+    np.testing.assert_allclose(got["loss"], ref_loss, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got["score"], ref_score, rtol=0, atol=1e-5)
     # training moved the model well beyond the tolerance (not two no-ops compared)
     assert np.abs(ref_score - initial).max() > 5e-3
+    # ... and the embedding gradient scale matters at this learning rate
+    assert np.abs(np.asarray(got["score"]) - wrong_score).max() > 1e-3

@@ -6,10 +6,11 @@ seed, wrapped in :class:`RankerTrain`, sharded by DMP under a plan from
 seed gives the same model whatever the plan. Embedding tables use TorchRec's fused
 optimizer (``apply_optimizer_in_backward``), dense parameters a ``KeyedOptimizer``.
 
-Sharded embeddings receive the *sum* of the per-rank gradients while DDP averages
-dense gradients (TorchRec's semantics); with ``world_size`` ranks at per-rank batch B
-the embedding update equals a single process at batch ``world_size * B`` with the
-embedding learning rate multiplied by ``world_size``.
+Gradients are global-batch means everywhere: DDP averages the dense ones and the
+backward all-to-all of sharded tables divides by the world size (TorchRec's
+``GRADIENT_DIVISION``), so ``world_size`` ranks at per-rank batch B take the same steps
+as one process at batch ``world_size * B`` (integration_tests/test_sharded_parity.py).
+Data-parallel tables get the embedding optimizer too (not the dense one).
 """
 
 import dataclasses
@@ -167,9 +168,11 @@ def shard_model(model: nn.Module, cfg: TrainConfig, ctx: DistContext,
     """Applies the fused embedding optimizer, plans and shards; copies the unsharded
     initial weights into the shards."""
     full_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    emb_params = embedding_parameters(model)
+    emb_ids = {id(p) for p in emb_params}
+    emb_names = {n for n, p in model.named_parameters() if id(p) in emb_ids}
     opt_cls = EMBEDDING_OPTIMIZERS[cfg.embedding_optimizer]
-    apply_optimizer_in_backward(opt_cls, embedding_parameters(model),
-                                {"lr": cfg.embedding_lr})
+    apply_optimizer_in_backward(opt_cls, emb_params, {"lr": cfg.embedding_lr})
     from torchrec_mm.plugins import spec_sharders
 
     sharders = spec_sharders(plugins or [], ctx.device) + default_sharders(ctx.device)
@@ -180,15 +183,28 @@ def shard_model(model: nn.Module, cfg: TrainConfig, ctx: DistContext,
     tensors = {f"/{k}": v for k, v in full_state.items()}
     dmp.load_state_dict(ckpt.restore(dmp.state_dict(), None, tensors,
                                      values_from_checkpoint=False))
+    # data-parallel tables come back as plain (DDP) parameters: make_optimizer gives
+    # them the embedding optimizer, not the dense one
+    dmp.embedding_parameter_names = emb_names
     return dmp
 
 
 def make_optimizer(model: DistributedModelParallel, cfg: TrainConfig) -> CombinedOptimizer:
-    dense = dict(in_backward_optimizer_filter(model.named_parameters()))
-    dense = {k: v for k, v in dense.items() if v.requires_grad}
-    opt_cls = torch.optim.Adam if cfg.dense_optimizer == "adam" else torch.optim.SGD
-    dense_opt = KeyedOptimizerWrapper(dense, lambda p: opt_cls(p, lr=cfg.dense_lr))
-    return CombinedOptimizer([model.fused_optimizer, dense_opt])
+    """Fused optimizer of the sharded tables + a KeyedOptimizer for the data-parallel
+    tables (the embedding optimizer and lr) + one for the dense parameters."""
+    emb_names = getattr(model, "embedding_parameter_names", set())
+    rest = {k: v for k, v in in_backward_optimizer_filter(model.named_parameters())
+            if v.requires_grad}
+    replicated_tables = {k: v for k, v in rest.items() if k in emb_names}
+    dense = {k: v for k, v in rest.items() if k not in emb_names}
+    dense_cls = torch.optim.Adam if cfg.dense_optimizer == "adam" else torch.optim.SGD
+    emb_cls = EMBEDDING_OPTIMIZERS[cfg.embedding_optimizer]
+    optimizers = [model.fused_optimizer,
+                  KeyedOptimizerWrapper(dense, lambda p: dense_cls(p, lr=cfg.dense_lr))]
+    if replicated_tables:
+        optimizers.append(KeyedOptimizerWrapper(
+            replicated_tables, lambda p: emb_cls(p, lr=cfg.embedding_lr)))
+    return CombinedOptimizer(optimizers)
 
 
 # ----------------------------------------------------------------------------- train
