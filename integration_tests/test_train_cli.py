@@ -47,10 +47,8 @@ def two_ranks(data_dir, tmp_path_factory):
 
 
 def test_two_ranks_match_one_rank_loss_curve(one_rank, two_ranks):
-    """Same global batch (2 x 128 vs 256), same seed and data. Adagrad (embeddings) and
-    Adam (dense) are invariant to the gradient scale, so TorchRec's summed embedding
-    gradients across ranks give the same updates as one process: the curves agree up
-    to float summation order."""
+    """Same global batch (2 x 128 vs 256), same seed and data: every gradient is the
+    global-batch mean on both, so the curves agree up to float summation order."""
     _, r1 = one_rank
     _, r2 = two_ranks
     assert r2["world_size"] == 2 and r2["steps"] == r1["steps"]
