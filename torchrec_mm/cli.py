@@ -18,6 +18,7 @@ _COMMAND_MODULES = [
     "torchrec_mm.data.cli",
     "torchrec_mm.content.cli",
     "torchrec_mm.training.cli",
+    "torchrec_mm.idproxy.cli",
 ]
 
 

@@ -62,11 +62,12 @@ def _get_step(name: str) -> Callable[..., Dict[str, Any]]:
         import importlib
 
         # method packages register their steps in <package>.steps
-        for module in (f"torchrec_mm.{name.split('_')[0]}.steps",):
-            try:
-                importlib.import_module(module)
-            except ModuleNotFoundError:
-                pass
+        module = f"torchrec_mm.{name.split('_')[0]}.steps"
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name is None or not module.startswith(e.name):
+                raise
     if name not in _STEPS:
         raise KeyError(f"unknown experiment step '{name}'; known: {sorted(_STEPS)}")
     return _STEPS[name]

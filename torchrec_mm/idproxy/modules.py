@@ -143,11 +143,17 @@ class FineProxy(nn.Module):
         return int(self.p_coarse.shape[0])
 
     def proxies(self, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """ids [n] -> (p_coarse [n, d], p_fine [n, d])."""
-        pc = self.p_coarse[ids]
-        raw = self.adaptor(self.z_groups[ids].flatten(1))
+        """ids [n] -> (p_coarse [n, d], p_fine [n, d]).
+
+        The adaptor runs once per *distinct* id of the call (a batch's target and
+        history ids repeat heavily), then the rows are gathered back.
+        """
+        uniq, inverse = torch.unique(ids, return_inverse=True)
+        pc = self.p_coarse[uniq]
+        raw = self.adaptor(self.z_groups[uniq].flatten(1))
         r = torch.sigmoid(self.gate(torch.cat([pc, raw], dim=1)))
-        return pc, self.coarse_map(pc) + r * raw
+        fine = self.coarse_map(pc) + r * raw
+        return pc[inverse], fine[inverse]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.proxies(ids)[1]
