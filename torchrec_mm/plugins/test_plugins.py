@@ -110,12 +110,25 @@ def test_builtin_plugins_are_found_by_name():
 
 
 def test_repo_specs_parse():
+    """Every YAML under plugins/ is a valid plugin spec or experiment spec."""
     import glob
     import os
+
+    import yaml
+
+    from torchrec_mm.experiment import load_experiment
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     specs = glob.glob(os.path.join(root, "plugins", "*.yaml"))
     assert specs
     for path in specs:
-        for p in load_spec(path).instantiate():
-            assert isinstance(p, RankerPlugin)
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+        if "variants" in raw:
+            exp = load_experiment(path)
+            groups = [v.get("plugins") or [] for v in exp["variants"].values() if v]
+        else:
+            groups = [load_spec(path).plugins and raw["plugins"]]
+        for plugins in groups:
+            for p in parse_spec({"plugins": plugins}, path).instantiate():
+                assert isinstance(p, RankerPlugin)
