@@ -125,3 +125,11 @@ def test_train_pipeline_sparse_dist_gives_the_same_run(data_dir, two_ranks, tmp_
     assert lp.keys() == lq.keys()
     assert max(abs(lp[k] - lq[k]) for k in lp) < 1e-6
     assert piped["eval"]["test"]["auc"] == pytest.approx(plain["eval"]["test"]["auc"], abs=1e-6)
+
+
+def test_resuming_with_other_settings_is_refused(data_dir, one_rank, capsys):
+    out, _ = one_rank
+    assert main(["train", "--data", data_dir, "--out", out, "--ranker", "dlrm",
+                 "--embedding-dim", "8", "--epochs", "1", "--seed", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "seed: 1 -> 2" in err

@@ -210,6 +210,28 @@ def make_optimizer(model: DistributedModelParallel, cfg: TrainConfig) -> Combine
 # ----------------------------------------------------------------------------- train
 
 
+# options that may change between a run and its resumption
+_RESUMABLE_CHANGES = {"resume", "progress", "max_steps", "epochs", "checkpoint_every",
+                      "evaluate", "num_workers", "log_every", "eval_batch_size", "out",
+                      "pipeline"}
+
+
+def _check_resumable(cfg: TrainConfig) -> None:
+    """Refuses to resume a run directory written with another configuration."""
+    path = os.path.join(cfg.out, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        old = json.load(f)
+    new = json.loads(json.dumps(cfg.to_dict()))
+    diff = sorted(k for k in set(old) | set(new)
+                  if k not in _RESUMABLE_CHANGES and old.get(k) != new.get(k))
+    if diff:
+        raise ValueError(f"{cfg.out} holds a checkpoint of a run with other settings "
+                         f"({', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in diff)}); "
+                         "use another --out or --no-resume")
+
+
 def _train_steps(model: nn.Module, optimizer: CombinedOptimizer, loader: Any,
                  ctx: DistContext, pipeline: Optional[Any]) -> Iterator[torch.Tensor]:
     """One optimizer step per item; yields the step's loss.
@@ -266,11 +288,13 @@ def run_rank(cfg: TrainConfig, ctx: DistContext,
     optimizer = make_optimizer(model, cfg)
     ckpt_root = os.path.join(cfg.out, "checkpoints")
 
+    latest = ckpt.latest_checkpoint(ckpt_root) if cfg.resume else None
+    if latest is not None:
+        _check_resumable(cfg)
     if ctx.is_main:
         write_json(os.path.join(cfg.out, "config.json"), cfg.to_dict())
     progress: Dict[str, Any] = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "curve": [],
                                 "evals": []}
-    latest = ckpt.latest_checkpoint(ckpt_root) if cfg.resume else None
     if latest is not None:
         _, skeleton, tensors = ckpt.read_checkpoint(latest)
         optimizer.init_state()  # KeyedOptimizer loads only into initialised state
