@@ -32,13 +32,11 @@ import yaml
 from torchrec_mm.data.batching import RankingBatchDataset
 from torchrec_mm.idproxy.artifacts import Proxies, save_proxies
 from torchrec_mm.models.rankers import RankerConfig
-from torchrec_mm.testing import random_samples
+from torchrec_mm.testing import random_samples, reference_sgd_run, sharded_sgd_run
 from torchrec_mm.training.distributed import init_distributed, spawn
-from torchrec_mm.training.evaluate import predict
 from torchrec_mm.training.trainer import (
     TrainConfig,
     build_model,
-    embedding_parameters,
     make_optimizer,
     shard_model,
 )
@@ -122,23 +120,8 @@ def _worker(out_dir: str) -> None:
         results["pipelined/" + "/".join(case)] = _pipelined_losses(case, out_dir, ctx,
                                                                    samples, rank)
     for kind, sharding, mode in CASES:
-        cfg = _config(kind, sharding, mode, out_dir)
-        model, plugins = build_model(cfg, samples.layout)
-        dmp = shard_model(model, cfg, ctx, plugins)
-        opt = make_optimizer(dmp, cfg)
-        ds = RankingBatchDataset(samples, "train", B, seed=0, rank=rank, world_size=WORLD)
-        losses = []
-        for _, batch in zip(range(STEPS), ds):
-            loss, _ = dmp(batch)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            mean = loss.detach().clone()
-            dist.all_reduce(mean)
-            losses.append(float(mean) / WORLD)
-        pred = predict(dmp, samples, _eval_rows(samples), 32, ctx)
-        results[f"{kind}/{sharding}/{mode}"] = {
-            "loss": losses, "score": pred["score"].tolist(), "plan": str(dmp.plan)}
+        results[f"{kind}/{sharding}/{mode}"] = sharded_sgd_run(
+            _config(kind, sharding, mode, out_dir), samples, ctx, STEPS, _eval_rows(samples))
     if rank == 0:
         with open(os.path.join(out_dir, "sharded.json"), "w") as f:
             json.dump(results, f)
@@ -147,31 +130,15 @@ def _worker(out_dir: str) -> None:
 def _reference(kind: str, sharding: str, mode: str, out_dir: str, samples,
                emb_lr_scale: float = 1.0):
     cfg = _config(kind, sharding, mode, out_dir)
-    model, _ = build_model(cfg, samples.layout)
-    emb = embedding_parameters(model)
-    emb_ids = {id(p) for p in emb}
-    dense = [p for p in model.parameters() if id(p) not in emb_ids]
-    fine = [n for n, p in model.named_parameters() if "source.fine." in n]
+    model, losses, final, initial = reference_sgd_run(
+        cfg, samples, WORLD, STEPS, _eval_rows(samples), emb_lr_scale)
+    fine = {n: p for n, p in model.named_parameters() if "source.fine." in n}
     assert fine, "the fine-proxy adaptor must be trained as a dense module"
-    scale = emb_lr_scale
-    opt = torch.optim.SGD([{"params": emb, "lr": EMB_LR * scale},
-                           {"params": dense, "lr": DENSE_LR}])
-    ds = RankingBatchDataset(samples, "train", B * WORLD, seed=0, rank=0, world_size=1)
-    eval_batch = samples.make_batch(_eval_rows(samples), "all")
-    with torch.no_grad():
-        initial = torch.sigmoid(model(eval_batch)[1][1]).numpy()
-    adaptor = dict(model.named_parameters())[fine[0]].detach().clone()
-    losses = []
-    for _, batch in zip(range(STEPS), ds):
-        loss, _ = model(batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    assert not torch.equal(adaptor, dict(model.named_parameters())[fine[0]])
-    with torch.no_grad():
-        _, (_, logits, _) = model(eval_batch)
-    return losses, torch.sigmoid(logits).numpy(), initial
+    torch.manual_seed(cfg.seed)
+    untrained, _ = build_model(cfg, samples.layout)
+    fine_before = dict(untrained.named_parameters())
+    assert any(not torch.equal(fine_before[n], p) for n, p in fine.items())
+    return losses, final, initial
 
 
 @pytest.fixture(scope="module")

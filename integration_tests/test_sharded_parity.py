@@ -17,21 +17,11 @@ import os
 
 import numpy as np
 import pytest
-import torch
-import torch.distributed as dist
 
-from torchrec_mm.data.batching import RankingBatchDataset
 from torchrec_mm.models.rankers import RankerConfig
-from torchrec_mm.testing import random_samples
+from torchrec_mm.testing import random_samples, reference_sgd_run, sharded_sgd_run
 from torchrec_mm.training.distributed import init_distributed, spawn
-from torchrec_mm.training.trainer import (
-    TrainConfig,
-    build_model,
-    embedding_parameters,
-    make_optimizer,
-    shard_model,
-)
-from torchrec_mm.training.evaluate import predict
+from torchrec_mm.training.trainer import TrainConfig
 
 WORLD = 2
 B = 64
@@ -71,52 +61,18 @@ def _worker(out_dir: str) -> None:
     rank = int(os.environ["RANK"])
     ctx = init_distributed(rank, WORLD)
     samples = _samples()
-    results = {}
-    for kind, sharding in CASES:
-        cfg = _config(kind, sharding)
-        model, plugins = build_model(cfg, samples.layout)
-        dmp = shard_model(model, cfg, ctx, plugins)
-        opt = make_optimizer(dmp, cfg)
-        ds = RankingBatchDataset(samples, "train", B, seed=0, rank=rank, world_size=WORLD)
-        losses = []
-        for _, batch in zip(range(STEPS), ds):
-            loss, _ = dmp(batch)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            mean = loss.detach().clone()
-            dist.all_reduce(mean)
-            losses.append(float(mean) / WORLD)
-        pred = predict(dmp, samples, _eval_rows(samples), 32, ctx)
-        results[f"{kind}/{sharding}"] = {"loss": losses, "score": pred["score"].tolist(),
-                                         "plan": str(dmp.plan)}
+    results = {f"{kind}/{sharding}": sharded_sgd_run(_config(kind, sharding), samples, ctx,
+                                                     STEPS, _eval_rows(samples))
+               for kind, sharding in CASES}
     if rank == 0:
         with open(os.path.join(out_dir, "sharded.json"), "w") as f:
             json.dump(results, f)
 
 
 def _reference(kind: str, sharding: str, samples, scale: float = 1.0):
-    cfg = _config(kind, sharding)
-    model, _ = build_model(cfg, samples.layout)
-    emb = embedding_parameters(model)
-    emb_ids = {id(p) for p in emb}
-    dense = [p for p in model.parameters() if id(p) not in emb_ids]
-    opt = torch.optim.SGD([{"params": emb, "lr": EMB_LR * scale},
-                           {"params": dense, "lr": DENSE_LR}])
-    ds = RankingBatchDataset(samples, "train", B * WORLD, seed=0, rank=0, world_size=1)
-    eval_batch = samples.make_batch(_eval_rows(samples), "all")
-    with torch.no_grad():
-        initial = torch.sigmoid(model(eval_batch)[1][1]).numpy()
-    losses = []
-    for _, batch in zip(range(STEPS), ds):
-        loss, _ = model(batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    with torch.no_grad():
-        _, (_, logits, _) = model(eval_batch)
-    return losses, torch.sigmoid(logits).numpy(), initial
+    _, losses, final, initial = reference_sgd_run(_config(kind, sharding), samples, WORLD,
+                                                  STEPS, _eval_rows(samples), scale)
+    return losses, final, initial
 
 
 @pytest.fixture(scope="module")

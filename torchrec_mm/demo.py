@@ -26,7 +26,6 @@ def content_topic_agreement(store_dir: str, data_dir: str, k: int = 10,
     the share of each sampled item's k nearest neighbours (cosine, faiss exact search)
     that have its dominant topic, vs the chance rate."""
     import faiss
-    import torch
 
     from torchrec_mm.content.store import ContentStore
     from torchrec_mm.data.synth import TRUTH_FILE, SynthTruth

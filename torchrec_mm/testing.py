@@ -1,6 +1,6 @@
 """Small generated inputs for tests and benchmarks (no dataset on disk needed)."""
 
-from typing import Dict, Optional
+from typing import Dict
 
 import numpy as np
 
@@ -45,3 +45,69 @@ def random_samples(
                            num_scenarios=num_scenarios, user_attrs={"attr_group": 8},
                            history_length=history_length)
     return RankingSamples(cols, split, {"attr_group": user_group}, layout)
+
+
+def sharded_sgd_run(cfg, samples: RankingSamples, ctx, steps: int,
+                    eval_rows: np.ndarray) -> Dict[str, object]:
+    """Trains ``cfg`` (plugins included) for ``steps`` under DMP on this rank's share of
+    each global batch and predicts ``eval_rows``: the sharded side of a parity test.
+
+    Returns ``{"loss": [global mean loss per step], "score": [...], "plan": str}``.
+    """
+    import torch.distributed as dist
+
+    from torchrec_mm.data.batching import RankingBatchDataset
+    from torchrec_mm.training.evaluate import predict
+    from torchrec_mm.training.trainer import build_model, make_optimizer, shard_model
+
+    model, plugins = build_model(cfg, samples.layout)
+    dmp = shard_model(model, cfg, ctx, plugins)
+    opt = make_optimizer(dmp, cfg)
+    ds = RankingBatchDataset(samples, "train", cfg.batch_size, seed=0, rank=ctx.rank,
+                             world_size=ctx.world_size)
+    losses = []
+    for _, batch in zip(range(steps), ds):
+        loss, _ = dmp(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        mean = loss.detach().clone()
+        dist.all_reduce(mean)
+        losses.append(float(mean) / ctx.world_size)
+    pred = predict(dmp, samples, eval_rows, 32, ctx)
+    return {"loss": losses, "score": pred["score"].tolist(), "plan": str(dmp.plan)}
+
+
+def reference_sgd_run(cfg, samples: RankingSamples, world_size: int, steps: int,
+                      eval_rows: np.ndarray, emb_lr_scale: float = 1.0):
+    """The single-process side of a parity test: the same model, plain SGD (embedding
+    lr ``cfg.embedding_lr * emb_lr_scale``, dense lr ``cfg.dense_lr``) on the global
+    batches (``world_size * cfg.batch_size``).
+
+    Returns ``(model, losses, final scores, initial scores)`` (scores of ``eval_rows``).
+    """
+    import torch
+
+    from torchrec_mm.data.batching import RankingBatchDataset
+    from torchrec_mm.training.trainer import build_model, embedding_parameters
+
+    model, _ = build_model(cfg, samples.layout)
+    emb = embedding_parameters(model)
+    emb_ids = {id(p) for p in emb}
+    dense = [p for p in model.parameters() if id(p) not in emb_ids]
+    opt = torch.optim.SGD([{"params": emb, "lr": cfg.embedding_lr * emb_lr_scale},
+                           {"params": dense, "lr": cfg.dense_lr}])
+    ds = RankingBatchDataset(samples, "train", cfg.batch_size * world_size, seed=0)
+    eval_batch = samples.make_batch(eval_rows, "all")
+    with torch.no_grad():
+        initial = torch.sigmoid(model(eval_batch)[1][1]).numpy()
+    losses = []
+    for _, batch in zip(range(steps), ds):
+        loss, _ = model(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    with torch.no_grad():
+        final = torch.sigmoid(model(eval_batch)[1][1]).numpy()
+    return model, losses, final, initial
