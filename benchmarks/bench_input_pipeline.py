@@ -20,7 +20,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import median_time, write_result  # noqa: E402
 
-from torchrec_mm.data.batching import RankingBatchDataset  # noqa: E402
 from torchrec_mm.models.rankers import RankerConfig  # noqa: E402
 from torchrec_mm.testing import random_samples  # noqa: E402
 from torchrec_mm.training.distributed import init_distributed  # noqa: E402

@@ -63,6 +63,7 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
+from torchrec_mm.utils import jagged
 from torchrec_mm.idproxy.artifacts import Proxies
 
 MODES = ("augment", "swap", "cold_only")
@@ -234,24 +235,6 @@ def _rebuild_kt(kt: KeyedTensor, replace: Dict[str, torch.Tensor], extra_keys: L
                        values=torch.cat(values, dim=1), key_dim=1)
 
 
-@torch.fx.wrap
-def _segment_mean(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """[sum L, d] jagged rows → [B, d] means (zero for empty rows)."""
-    seg = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device),
-                                  lengths.long(), output_size=values.shape[0])
-    out = torch.zeros(lengths.numel(), values.shape[1], dtype=values.dtype,
-                      device=values.device).index_add(0, seg, values)
-    return out / lengths.clamp(min=1).unsqueeze(1).to(values.dtype)
-
-
-@torch.fx.wrap
-def _segment_sum(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    seg = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device),
-                                  lengths.long(), output_size=values.shape[0])
-    return torch.zeros(lengths.numel(), values.shape[1], dtype=values.dtype,
-                       device=values.device).index_add(0, seg, values)
-
-
 # --------------------------------------------------------------------------- wrappers
 
 
@@ -415,9 +398,9 @@ class IDProxyEmbeddingBagCollection(nn.Module):
             tc, tf = self.source.coarse_fine(t_ids)
             hc, hf = self.source.coarse_fine(h_ids)
             extra = [tc] + ([tf] if tf is not None else [])
-            extra += [_segment_mean(hc, h_len)]
+            extra += [jagged.segment_mean(hc, h_len)]
             if hf is not None:
-                extra.append(_segment_mean(hf, h_len))
+                extra.append(jagged.segment_mean(hf, h_len))
             return _rebuild_kt(kt, {}, self.extra_keys, extra)
         h_use = self.source.use_proxy[h_ids]
         kt = self.embedding_bag_collection(
@@ -426,9 +409,9 @@ class IDProxyEmbeddingBagCollection(nn.Module):
         target = torch.where(t_use, self.source.proxy(t_ids), _kt_value(kt, self.keys[0]))
         kept_mean = _kt_value(kt, self.keys[1])
         h_proxy = self.source.proxy(h_ids) * h_use.unsqueeze(1).to(kept_mean.dtype)
-        n_proxy = _segment_sum(h_use.unsqueeze(1).to(kept_mean.dtype), h_len)
+        n_proxy = jagged.segment_sum(h_use.unsqueeze(1).to(kept_mean.dtype), h_len)
         n_kept = h_len.unsqueeze(1).to(kept_mean.dtype) - n_proxy
-        hist = (n_kept * kept_mean + _segment_sum(h_proxy, h_len)) / \
+        hist = (n_kept * kept_mean + jagged.segment_sum(h_proxy, h_len)) / \
             h_len.clamp(min=1).unsqueeze(1).to(kept_mean.dtype)
         return _rebuild_kt(kt, {self.keys[0]: target, self.keys[1]: hist}, [], [])
 

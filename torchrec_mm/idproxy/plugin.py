@@ -85,14 +85,6 @@ def train_impression_counts(ctx: PluginContext, num_items: int) -> np.ndarray:
 class IDProxyPlugin(RankerPlugin):
     Options = IDProxyOptions
 
-    def _proxies_path(self, ctx: PluginContext) -> str:
-        path = self.options.proxies
-        if not os.path.isabs(path) and ctx.data_dir:
-            candidate = os.path.join(os.path.dirname(os.path.abspath(ctx.data_dir)), path)
-            if os.path.exists(candidate):
-                return candidate
-        return path
-
     def config(self) -> IDProxyConfig:
         o = self.options
         return IDProxyConfig(mode=o.mode, use_fine=o.use_fine, cold_threshold=o.cold_threshold,
@@ -105,7 +97,7 @@ class IDProxyPlugin(RankerPlugin):
     def wrap_collections(self, collections: Any, ctx: PluginContext) -> Any:
         config = self.config()
         proxies: Proxies = ctx.extras.get("idproxy_proxies") or load_proxies(
-            self._proxies_path(ctx))
+            ctx.resolve_path(self.options.proxies))
         cold: Optional[torch.Tensor] = None
         if config.mode == "cold_only":
             cold = self.cold_mask(ctx, proxies.num_items)

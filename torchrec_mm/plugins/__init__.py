@@ -41,6 +41,7 @@ defined in your own code reaches every spawned rank.
 import dataclasses
 import importlib
 import inspect
+import os
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Callable, ClassVar, Dict, List, Optional, Type, TypeVar, Union
@@ -71,6 +72,15 @@ class PluginContext:
     layout: Optional[FeatureLayout] = None
     ranker: Any = None
     extras: Dict[str, Any] = field(default_factory=dict)
+
+    def resolve_path(self, path: str) -> str:
+        """A plugin option's path: absolute as given; a relative one is looked up next
+        to the dataset directory first (``DIR/../<path>``), then from the cwd."""
+        if not os.path.isabs(path) and self.data_dir:
+            candidate = os.path.join(os.path.dirname(os.path.abspath(self.data_dir)), path)
+            if os.path.exists(candidate):
+                return candidate
+        return path
 
 
 class RankerPlugin:

@@ -20,7 +20,6 @@ Spec::
         options: {store: out/demo/content, history: true}
 """
 
-import os
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
@@ -30,6 +29,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_mm.plugins import PluginContext, RankerPlugin, register_plugin
+from torchrec_mm.utils import jagged
 
 
 @torch.fx.wrap
@@ -91,12 +91,7 @@ class ContentFeatureCollection(nn.Module):
         keys = ["item_content"]
         if self.history_feature is not None:
             h_ids, h_len = _feature_ids(features, self.history_feature)
-            segment = torch.repeat_interleave(
-                torch.arange(h_len.numel(), device=h_len.device), h_len.long())
-            summed = torch.zeros(h_len.numel(), self.content.shape[1],
-                                 device=self.content.device)
-            summed.index_add_(0, segment, self.content[h_ids])
-            mean = summed / h_len.clamp(min=1).unsqueeze(1).to(summed.dtype)
+            mean = jagged.segment_mean(self.content[h_ids], h_len)
             values.append(self.projection(mean))
             keys.append("hist_item_content")
         return _append_keys(kt, keys, values)
@@ -124,28 +119,21 @@ class ContentFeatureOptions:
 class ContentFeaturePlugin(RankerPlugin):
     Options = ContentFeatureOptions
 
-    def _store_path(self, ctx: PluginContext) -> str:
-        path = self.options.store
-        if not os.path.isabs(path) and ctx.data_dir and not os.path.exists(path):
-            candidate = os.path.join(os.path.dirname(os.path.abspath(ctx.data_dir)), path)
-            if os.path.exists(candidate):
-                return candidate
-        return path
-
     def wrap_collections(self, collections: Any, ctx: PluginContext) -> Any:
         from torchrec_mm.content.store import ContentStore
 
         if ctx.layout is None or ctx.ranker is None:
             raise ValueError("content_feature needs the feature layout and ranker config")
-        store = ContentStore(self._store_path(ctx))
+        path = ctx.resolve_path(self.options.store)
+        store = ContentStore(path)
         ids = torch.arange(ctx.layout.num_items)
         present = store.contains(ids)
         if not bool(present.any()):
-            raise ValueError(f"content store {self._store_path(ctx)} has none of the "
+            raise ValueError(f"content store {path} has none of the "
                              f"dataset's {ctx.layout.num_items} items")
         if self.options.missing == "error" and not bool(present.all()):
             first = int(ids[~present][0])
-            raise ValueError(f"content store {self._store_path(ctx)} has no content for "
+            raise ValueError(f"content store {path} has no content for "
                              f"item {first} ({int((~present).sum())} items missing)")
         stored = store.get(ids[present], self.options.field).float()
         table = torch.zeros(ctx.layout.num_items, stored.shape[-1])
