@@ -128,7 +128,8 @@ def test_repo_specs_parse():
             exp = load_experiment(path)
             groups = [v.get("plugins") or [] for v in exp["variants"].values() if v]
         else:
-            groups = [load_spec(path).plugins and raw["plugins"]]
+            load_spec(path)  # validates the whole spec, not only its plugin list
+            groups = [raw["plugins"]]
         for plugins in groups:
             for p in parse_spec({"plugins": plugins}, path).instantiate():
                 assert isinstance(p, RankerPlugin)
