@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchrec_mm.content.encoder import ContentEncoder, ContentEncoderConfig
-from torchrec_mm.idproxy.artifacts import Proxies, save_proxies
+from torchrec_mm.idproxy.artifacts import Proxies, group_basis, save_proxies
 from torchrec_mm.idproxy.targets import ItemTargets, load_item_targets
 from torchrec_mm.training import checkpoint as ckpt
 from torchrec_mm.utils.io import write_json
@@ -68,6 +68,8 @@ class CoarseFitConfig:
         tau: minimum training impressions of a target item.
         eval_batch_size: items per forward pass in evaluation / the final encoding.
         group_sample: items sampled to compute the layer groups (0: equal split).
+        basis_rank: principal components per layer group saved with the states
+            (``z_basis``), from which the stage-2 adaptor takes its ``z_rank``.
     """
 
     model_path: Optional[str] = None
@@ -86,6 +88,7 @@ class CoarseFitConfig:
     tau: int = 5
     eval_batch_size: int = 64
     group_sample: int = 256
+    basis_rank: int = 64
 
     def __post_init__(self) -> None:
         self.recall_ks = tuple(int(k) for k in self.recall_ks)
@@ -430,8 +433,11 @@ def fit_coarse(data_dir: str, run_dir: Optional[str], out_dir: str,
     metrics["num_without_content"] = int((~has_content).sum())
     metrics["complete"] = True
     metrics["total_seconds"] = time.time() - t0
+    z_mean, z_basis = group_basis(z, config.basis_rank, torch.from_numpy(has_content),
+                                  seed=config.seed)
     save_proxies(out_dir, Proxies(
         p_coarse=p, z_groups=z, has_content=torch.from_numpy(has_content),
+        z_mean=z_mean, z_basis=z_basis,
         meta={"tau": targets.info.get("tau", config.tau),
               "source_run": targets.info.get("source_run", run_dir),
               "table": targets.table,

@@ -28,6 +28,11 @@ Modes (:class:`IDProxyConfig`):
     Pooled table: extra keys ``item_id_coarse``, ``item_id_fine``,
     ``hist_item_id_coarse``, ``hist_item_id_fine`` [B, d] (history = mean of the
     per-item proxies, zero when empty), listed by ``embedding_bag_configs()``.
+``feature`` (Table 1's v4, "without structure reuse")
+    The same coarse/fine proxies as ordinary pooled features (the extra keys of
+    ``augment``'s pooled table) appended to the ranker's EBC output, while the
+    item-ID slots (the sequence table the target attention reads) stay ID-only. For
+    DLRM/DLRM_DCN, whose only item slots *are* pooled features, it equals ``augment``.
 ``swap``
     The proxy (``p_fine``, or ``p_coarse`` with ``use_fine=False``) takes the place of
     the ID embedding, same keys and dims.
@@ -64,9 +69,9 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConf
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from torchrec_mm.utils import jagged
-from torchrec_mm.idproxy.artifacts import Proxies
+from torchrec_mm.idproxy.artifacts import Proxies, group_basis
 
-MODES = ("augment", "swap", "cold_only")
+MODES = ("augment", "feature", "swap", "cold_only")
 
 
 @dataclass
@@ -74,7 +79,9 @@ class IDProxyConfig:
     """How proxies enter the ranker.
 
     Attributes:
-        mode: ``augment`` (ID + p_coarse + p_fine, the paper's setting), ``swap``
+        mode: ``augment`` (ID + p_coarse + p_fine, the paper's setting), ``feature``
+            (the proxies as ordinary pooled features of the target and the history,
+            outside the ID slots: the paper's v4 "without structure reuse"), ``swap``
             (proxy instead of the ID embedding) or ``cold_only`` (proxy instead of the ID
             embedding for cold items only).
         use_fine: use the stage-2 fine proxy (else only ``p_coarse``: stage 1 alone).
@@ -83,6 +90,8 @@ class IDProxyConfig:
         cold_threshold: items with fewer training impressions than this are cold
             (the plugin turns counts into the ``cold`` mask given to the wrappers).
         hidden_dim: hidden size of the adaptor φ̃.
+        z_rank: principal components per layer group read by φ̃ (0: the full states;
+            see :class:`FineProxy`).
         fallback: what an item without content gets where a proxy would replace its ID
             embedding; only ``id_embedding`` (keep the ID embedding) is supported.
     """
@@ -93,6 +102,7 @@ class IDProxyConfig:
     history_feature: str = "hist_item_id"
     cold_threshold: int = 5
     hidden_dim: int = 64
+    z_rank: int = 32
     fallback: str = "id_embedding"
 
     def __post_init__(self) -> None:
@@ -105,30 +115,64 @@ class IDProxyConfig:
             raise ValueError(f"cold_threshold must be >= 0, got {self.cold_threshold}")
 
 
+@torch.fx.wrap
+def _distinct_rows(ids: torch.Tensor, num_items: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """ids [n] -> (index [n], rows [u]) with ``rows[index] == ids``: the distinct ids
+    (sorted) when n < num_items / 2, else all items (``index = ids``, no sort)."""
+    if ids.numel() * 2 >= num_items:
+        return ids, torch.arange(num_items, device=ids.device)
+    uniq, inverse = torch.unique(ids, return_inverse=True)
+    return inverse, uniq
+
+
 class FineProxy(nn.Module):
     """Stage-2 fine proxy over frozen stage-1 outputs.
 
     Args:
         p_coarse: [N, d] stage-1 proxies (frozen buffer).
-        z_groups: [N, G, D] layer-group states (frozen buffer).
+        z_groups: [N, G, D] layer-group states (frozen).
         hidden_dim: hidden size of the adaptor φ̃.
+        z_rank: r > 0: the adaptor reads each group's states projected on its first r
+            principal components (``z_basis``/``z_mean``, computed here when not
+            given), i.e. φ̃'s first layer is restricted to the groups' principal
+            subspaces — [N, G*r] frozen inputs instead of [N, G*D], for speed and
+            memory; 0: the full states (the paper's form).
+        z_mean / z_basis: [G, D] / [G, D, R >= r] stored with the proxies.
 
     ``forward(ids [n]) -> p_fine [n, d]``; :meth:`proxies` returns
-    ``(p_coarse [n, d], p_fine [n, d])``.
+    ``(p_coarse [n, d], p_fine [n, d])``; :meth:`rows` computes both for the distinct
+    ids of a call (see there).
     """
 
     def __init__(self, p_coarse: torch.Tensor, z_groups: torch.Tensor, hidden_dim: int = 64,
-                 device: Optional[torch.device] = None) -> None:
+                 device: Optional[torch.device] = None, z_rank: int = 0,
+                 z_mean: Optional[torch.Tensor] = None,
+                 z_basis: Optional[torch.Tensor] = None) -> None:
         super().__init__()
         if p_coarse.dim() != 2 or z_groups.dim() != 3 or p_coarse.shape[0] != z_groups.shape[0]:
             raise ValueError("FineProxy needs p_coarse [N, d] and z_groups [N, G, D] with the "
                              f"same N, got {tuple(p_coarse.shape)} and {tuple(z_groups.shape)}")
+        if z_rank < 0:
+            raise ValueError(f"z_rank must be >= 0, got {z_rank}")
         n, d = p_coarse.shape
         _, g, dc = z_groups.shape
+        z = z_groups.detach().float()
+        if z_rank > 0:
+            if z_basis is None or z_basis.shape[2] < min(z_rank, dc):
+                z_mean, z_basis = group_basis(z, z_rank)
+            r = min(z_rank, z_basis.shape[2])
+            z_mean, z_basis = z_mean.float(), z_basis[:, :, :r].float().contiguous()
+            z = torch.einsum("ngd,gdr->ngr", z - z_mean, z_basis)
+            self.register_buffer("z_mean", z_mean.to(device), persistent=False)
+            self.register_buffer("z_basis", z_basis.to(device), persistent=False)
+        self.z_rank = int(z.shape[2]) if z_rank > 0 else 0
+        # in the state dict so that a trained adaptor says which inputs it reads
+        self.register_buffer("input_rank", torch.tensor(self.z_rank, dtype=torch.long,
+                                                        device=device))
         self.register_buffer("p_coarse", p_coarse.detach().float().to(device), persistent=False)
-        self.register_buffer("z_groups", z_groups.detach().float().to(device), persistent=False)
-        self.adaptor = nn.Sequential(nn.Linear(g * dc, hidden_dim, device=device), nn.ReLU(),
-                                     nn.Linear(hidden_dim, d, device=device))
+        self.register_buffer("z_in", z.flatten(1).contiguous().to(device), persistent=False)
+        self.adaptor = nn.Sequential(nn.Linear(self.z_in.shape[1], hidden_dim, device=device),
+                                     nn.ReLU(), nn.Linear(hidden_dim, d, device=device))
         self.gate = nn.Linear(2 * d, d, device=device)
         self.coarse_map = nn.Linear(d, d, bias=False, device=device)
         self.reset_parameters()
@@ -143,18 +187,45 @@ class FineProxy(nn.Module):
     def num_items(self) -> int:
         return int(self.p_coarse.shape[0])
 
-    def proxies(self, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """ids [n] -> (p_coarse [n, d], p_fine [n, d]).
+    def compute(self, rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """rows [u] item ids -> (p_coarse, p_fine) [u, d]."""
+        pc = self.p_coarse[rows]
+        return pc, self._fine(pc, self.z_in[rows])
 
-        The adaptor runs once per *distinct* id of the call (a batch's target and
-        history ids repeat heavily), then the rows are gathered back.
-        """
-        uniq, inverse = torch.unique(ids, return_inverse=True)
-        pc = self.p_coarse[uniq]
-        raw = self.adaptor(self.z_groups[uniq].flatten(1))
+    def _fine(self, pc: torch.Tensor, z_in: torch.Tensor) -> torch.Tensor:
+        raw = self.adaptor(z_in)
         r = torch.sigmoid(self.gate(torch.cat([pc, raw], dim=1)))
-        fine = self.coarse_map(pc) + r * raw
-        return pc[inverse], fine[inverse]
+        return self.coarse_map(pc) + r * raw
+
+    def fine_of(self, p_coarse: torch.Tensor, z_groups: torch.Tensor) -> torch.Tensor:
+        """p_fine [n, d] of items *outside* the buffers (new items) from their
+        p_coarse [n, d] and layer-group states [n, G, D]."""
+        z = z_groups.float()
+        if self.z_rank:
+            z = torch.einsum("ngd,gdr->ngr", z - self.z_mean, self.z_basis)
+        if z.flatten(1).shape[1] != self.z_in.shape[1]:
+            raise ValueError(f"states of shape {tuple(z_groups.shape)} do not fit the adaptor "
+                             f"(input width {self.z_in.shape[1]})")
+        return self._fine(p_coarse.float(), z.flatten(1))
+
+    def proxies(self, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """ids [n] -> (p_coarse [n, d], p_fine [n, d])."""
+        index, _, pc, pf = self.rows(ids)
+        return pc[index], pf[index]
+
+    def rows(self, ids: torch.Tensor
+             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ids [n] -> (index [n], rows [u], p_coarse [u, d], p_fine [u, d]): row
+        ``index[i]`` holds item ``ids[i]``; ``rows`` are the items of the rows.
+
+        The adaptor runs once per item of the call, not per occurrence (a batch's
+        target and history ids repeat heavily): over the distinct ids when they are a
+        small part of the catalogue, over the whole catalogue (no sort) when the call
+        has at least half as many ids as there are items.
+        """
+        index, rows = _distinct_rows(ids, self.num_items)
+        pc, pf = self.compute(rows)
+        return index, rows, pc, pf
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.proxies(ids)[1]
@@ -254,6 +325,7 @@ class _ProxySource(nn.Module):
                              f"'{table}' has {table_rows} rows")
         self.config = config
         self.table = table
+        self.dim = table_dim
         n = proxies.num_items
         self._num_items = n
         has_content = proxies.has_content.bool()
@@ -269,28 +341,39 @@ class _ProxySource(nn.Module):
         else:
             use_proxy = torch.zeros(n, dtype=torch.bool)
         self.register_buffer("use_proxy", use_proxy, persistent=False)
-        self.register_buffer("has_content", has_content, persistent=False)
+        self.register_buffer("content_mask", has_content.float().unsqueeze(1), persistent=False)
         self.fine: Optional[FineProxy] = None
         if config.use_fine:
-            self.fine = FineProxy(proxies.p_coarse, proxies.z_groups, config.hidden_dim)
+            self.fine = FineProxy(proxies.p_coarse, proxies.z_groups, config.hidden_dim,
+                                  z_rank=config.z_rank, z_mean=proxies.z_mean,
+                                  z_basis=proxies.z_basis)
         else:
-            self.register_buffer("p_coarse", proxies.p_coarse.float(), persistent=False)
+            self.register_buffer("p_coarse", proxies.p_coarse.float() * self.content_mask,
+                                 persistent=False)
 
     def num_items(self) -> int:
         return self._num_items
 
-    def coarse_fine(self, ids: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """ids [n] → (p_coarse [n, d], p_fine [n, d] or None), zero for no-content items."""
-        mask = self.has_content[ids].unsqueeze(1).float()
-        if self.fine is not None:
-            pc, pf = self.fine.proxies(ids)
-            return pc * mask, pf * mask
-        return self.p_coarse[ids] * mask, None
+    @property
+    def width(self) -> int:
+        """Columns of :meth:`rows`' table: 2d with the fine proxy, d without."""
+        return 2 * self.dim if self.fine is not None else self.dim
 
-    def proxy(self, ids: torch.Tensor) -> torch.Tensor:
-        """The proxy that replaces an ID embedding: p_fine (or p_coarse)."""
-        pc, pf = self.coarse_fine(ids)
-        return pf if pf is not None else pc
+    def rows(self, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """ids [n] → (index [n], table [u, width]): row ``index[i]`` of the table is
+        ``concat(p_coarse, p_fine)`` (or ``p_coarse``) of item ``ids[i]``, zero for
+        items without content."""
+        if self.fine is None:
+            return ids, self.p_coarse
+        index, rows, pc, pf = self.fine.rows(ids)
+        mask = self.content_mask[rows]
+        return index, torch.cat([pc, pf], dim=1) * mask
+
+    def proxy_rows(self, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """ids [n] → (index [n], table [u, d]) of the proxy that *replaces* an ID
+        embedding: p_fine (or p_coarse without the fine proxy)."""
+        index, table = self.rows(ids)
+        return index, table[:, -self.dim:]
 
 
 class IDProxyEmbeddingCollection(nn.Module):
@@ -299,7 +382,7 @@ class IDProxyEmbeddingCollection(nn.Module):
     Args:
         embedding_collection: the EC (a child: DMP shards it).
         proxies: stage-1 artefact (``p_coarse`` [N, d], ``z_groups`` [N, G, D]).
-        config: mode etc.
+        config: mode etc. (``augment``, ``swap`` or ``cold_only``).
         cold: [N] bool cold-item mask (``cold_only`` only).
 
     ``forward(kjt) -> Dict[str, JaggedTensor]`` with the EC's keys; the rows of
@@ -311,6 +394,9 @@ class IDProxyEmbeddingCollection(nn.Module):
     def __init__(self, embedding_collection: nn.Module, proxies: Proxies,
                  config: IDProxyConfig, cold: Optional[torch.Tensor] = None) -> None:
         super().__init__()
+        if config.mode == "feature":
+            raise ValueError("idproxy: mode 'feature' adds pooled features; it wraps the "
+                             "EmbeddingBagCollection, not the EmbeddingCollection")
         self.embedding_collection = embedding_collection
         self.config = config
         table = _table_of(embedding_collection.embedding_configs(), config)
@@ -320,7 +406,7 @@ class IDProxyEmbeddingCollection(nn.Module):
         self.keys: List[str] = [config.item_feature, config.history_feature]
         out_dim = table.embedding_dim
         if config.mode == "augment":
-            out_dim *= 3 if config.use_fine else 2
+            out_dim += self.source.width
         self._configs = [dataclasses.replace(c, embedding_dim=out_dim) if c.name == table.name
                          else c for c in embedding_collection.embedding_configs()]
 
@@ -337,43 +423,55 @@ class IDProxyEmbeddingCollection(nn.Module):
         ids = torch.cat([t_ids, h_ids])
         emb = torch.cat([_seq_values(seq, self.keys[0]), _seq_values(seq, self.keys[1])])
         if self.config.mode == "augment":
-            pc, pf = self.source.coarse_fine(ids)
-            parts = [emb, pc] + ([pf] if pf is not None else [])
-            values = torch.cat(parts, dim=1)
+            index, table = self.source.rows(ids)
+            values = torch.cat([emb, table[index]], dim=1)
         else:
+            index, table = self.source.proxy_rows(ids)
             use = self.source.use_proxy[ids].unsqueeze(1)
-            values = torch.where(use, self.source.proxy(ids), emb)
+            values = torch.where(use, table[index], emb)
         return _replace_seq(seq, self.keys, values, t_ids.shape[0])
 
 
 class IDProxyEmbeddingBagCollection(nn.Module):
-    """Wraps DLRM's ``EmbeddingBagCollection`` (pooled ``t_item_id``, MEAN history).
+    """Wraps an ``EmbeddingBagCollection``: DLRM's / DLRM_DCN's (pooled ``t_item_id``,
+    MEAN history), or — mode ``feature`` — any ranker's pooled features.
 
-    Args: as :class:`IDProxyEmbeddingCollection`.
+    Args: as :class:`IDProxyEmbeddingCollection`, plus
+        item_table: the config of the table serving the item features when the wrapped
+            EBC does not hold it (mode ``feature`` with the target-attention ranker,
+            whose item table is in its EC).
 
-    ``forward(kjt) -> KeyedTensor``: augment appends ``<item>_coarse``, ``<item>_fine``,
-    ``<hist>_coarse``, ``<hist>_fine`` [B, d] (history: mean of per-item proxies, zero
-    if empty); swap / cold_only keep the keys and replace the values of the item and
-    history keys (history: mean over items of ID embedding or proxy, see the module
-    docstring for how the per-item choice is made with a pooled EBC).
+    ``forward(kjt) -> KeyedTensor``: augment / feature append ``<item>_coarse``,
+    ``<item>_fine``, ``<hist>_coarse``, ``<hist>_fine`` [B, d] (history: mean of
+    per-item proxies, zero if empty); swap / cold_only keep the keys and replace the
+    values of the item and history keys (history: mean over items of ID embedding or
+    proxy, see the module docstring for how the per-item choice is made with a pooled
+    EBC).
     """
 
     def __init__(self, embedding_bag_collection: nn.Module, proxies: Proxies,
-                 config: IDProxyConfig, cold: Optional[torch.Tensor] = None) -> None:
+                 config: IDProxyConfig, cold: Optional[torch.Tensor] = None,
+                 item_table: Optional[EmbeddingConfig] = None) -> None:
         super().__init__()
         self.embedding_bag_collection = embedding_bag_collection
         self.config = config
-        table = _table_of(embedding_bag_collection.embedding_bag_configs(), config)
-        if table.pooling != PoolingType.MEAN:
-            raise ValueError(f"idproxy: table '{table.name}' must be MEAN-pooled, "
-                             f"got {table.pooling}")
+        if item_table is not None:
+            if config.mode != "feature":
+                raise ValueError("idproxy: item_table (an item table outside the wrapped "
+                                 f"EBC) only works with mode 'feature', not '{config.mode}'")
+            table = item_table
+        else:
+            table = _table_of(embedding_bag_collection.embedding_bag_configs(), config)
+            if table.pooling != PoolingType.MEAN:
+                raise ValueError(f"idproxy: table '{table.name}' must be MEAN-pooled, "
+                                 f"got {table.pooling}")
         self.table_name = table.name
         self.source = _ProxySource(proxies, config, table.name, table.embedding_dim,
                                    table.num_embeddings, cold)
         self.keys: List[str] = [config.item_feature, config.history_feature]
         self.extra_keys: List[str] = []
         self._extra: List[EmbeddingBagConfig] = []
-        if config.mode == "augment":
+        if config.mode in ("augment", "feature"):
             kinds = ["coarse", "fine"] if config.use_fine else ["coarse"]
             for f in self.keys:
                 for k in kinds:
@@ -393,25 +491,28 @@ class IDProxyEmbeddingBagCollection(nn.Module):
         h_ids, h_len = _feature_ids(features, self.keys[1])
         t_ids = _check_ids(t_ids, n_items, self.table_name, self.keys[0])
         h_ids = _check_ids(h_ids, n_items, self.table_name, self.keys[1])
-        if self.config.mode == "augment":
+        n_t = t_ids.shape[0]
+        d = self.source.dim
+        if self.config.mode in ("augment", "feature"):
             kt = self.embedding_bag_collection(features)
-            tc, tf = self.source.coarse_fine(t_ids)
-            hc, hf = self.source.coarse_fine(h_ids)
-            extra = [tc] + ([tf] if tf is not None else [])
-            extra += [jagged.segment_mean(hc, h_len)]
-            if hf is not None:
-                extra.append(jagged.segment_mean(hf, h_len))
+            index, table = self.source.rows(torch.cat([t_ids, h_ids]))
+            target = table[index[:n_t]]
+            hist = jagged.gather_pool(table, index[n_t:], h_len, "mean")
+            extra = [target[:, :d], hist[:, :d]] if self.config.use_fine is False else \
+                [target[:, :d], target[:, d:], hist[:, :d], hist[:, d:]]
             return _rebuild_kt(kt, {}, self.extra_keys, extra)
         h_use = self.source.use_proxy[h_ids]
         kt = self.embedding_bag_collection(
             _drop_from_feature(features, self.keys[1], h_use))
+        index, table = self.source.proxy_rows(torch.cat([t_ids, h_ids]))
         t_use = self.source.use_proxy[t_ids].unsqueeze(1)
-        target = torch.where(t_use, self.source.proxy(t_ids), _kt_value(kt, self.keys[0]))
+        target = torch.where(t_use, table[index[:n_t]], _kt_value(kt, self.keys[0]))
         kept_mean = _kt_value(kt, self.keys[1])
-        h_proxy = self.source.proxy(h_ids) * h_use.unsqueeze(1).to(kept_mean.dtype)
-        n_proxy = jagged.segment_sum(h_use.unsqueeze(1).to(kept_mean.dtype), h_len)
+        w = h_use.to(kept_mean.dtype)
+        n_proxy = jagged.segment_sum(w.unsqueeze(1), h_len)
         n_kept = h_len.unsqueeze(1).to(kept_mean.dtype) - n_proxy
-        hist = (n_kept * kept_mean + jagged.segment_sum(h_proxy, h_len)) / \
+        proxy_sum = jagged.gather_pool(table, index[n_t:], h_len, "sum", w)
+        hist = (n_kept * kept_mean + proxy_sum) / \
             h_len.clamp(min=1).unsqueeze(1).to(kept_mean.dtype)
         return _rebuild_kt(kt, {self.keys[0]: target, self.keys[1]: hist}, [], [])
 

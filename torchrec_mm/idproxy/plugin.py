@@ -43,10 +43,12 @@ class IDProxyOptions:
     Attributes:
         proxies: directory written by ``torchrec-mm idproxy fit`` (relative paths are
             resolved against the dataset directory's parent first, then the cwd).
-        mode: ``augment`` | ``swap`` | ``cold_only`` (see ``IDProxyConfig``).
+        mode: ``augment`` | ``feature`` | ``swap`` | ``cold_only`` (see
+            ``IDProxyConfig``).
         use_fine: train the stage-2 fine proxy (else stage-1 ``p_coarse`` only).
         cold_threshold: training impressions below which an item is cold.
         hidden_dim: hidden size of the fine-proxy adaptor.
+        z_rank: principal components per layer group the adaptor reads (0: all).
     """
 
     proxies: str = "idproxy"
@@ -54,6 +56,7 @@ class IDProxyOptions:
     use_fine: bool = True
     cold_threshold: int = 5
     hidden_dim: int = 64
+    z_rank: int = 32
 
 
 def train_impression_counts(ctx: PluginContext, num_items: int) -> np.ndarray:
@@ -88,7 +91,7 @@ class IDProxyPlugin(RankerPlugin):
     def config(self) -> IDProxyConfig:
         o = self.options
         return IDProxyConfig(mode=o.mode, use_fine=o.use_fine, cold_threshold=o.cold_threshold,
-                             hidden_dim=o.hidden_dim)
+                             hidden_dim=o.hidden_dim, z_rank=o.z_rank)
 
     def cold_mask(self, ctx: PluginContext, num_items: int) -> torch.Tensor:
         counts = train_impression_counts(ctx, num_items)
@@ -101,7 +104,14 @@ class IDProxyPlugin(RankerPlugin):
         cold: Optional[torch.Tensor] = None
         if config.mode == "cold_only":
             cold = self.cold_mask(ctx, proxies.num_items)
-        if collections.ec is not None:
+        if config.mode == "feature":
+            item_table = None
+            if collections.ec is not None:
+                item_table = next((c for c in collections.ec.embedding_configs()
+                                   if config.item_feature in c.feature_names), None)
+            collections.ebc = IDProxyEmbeddingBagCollection(collections.ebc, proxies, config,
+                                                            cold, item_table=item_table)
+        elif collections.ec is not None:
             collections.ec = IDProxyEmbeddingCollection(collections.ec, proxies, config, cold)
         else:
             collections.ebc = IDProxyEmbeddingBagCollection(collections.ebc, proxies, config,

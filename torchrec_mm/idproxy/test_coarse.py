@@ -236,3 +236,44 @@ def test_cli_fit_end_to_end(data_run, tiny_llama, tmp_path, capsys):
     with pytest.raises(SystemExit):
         args = parser.parse_args(["idproxy", "fit", "--data", data, "--out", out])
         args.func(args)
+
+
+def test_generator_matches_artifact_and_ranker(data_run, tiny_llama, tmp_path):
+    """New-item generation from raw text reproduces the artefact's p_coarse and the
+    trained ranker's p_fine for the same items."""
+    import yaml
+
+    from torchrec_mm.data.io import load_items
+    from torchrec_mm.idproxy.generate import ProxyGenerator, load_fine_weights
+    from torchrec_mm.idproxy.modules import FineProxy
+    from torchrec_mm.training.trainer import TrainConfig, train
+
+    data, run = data_run
+    out = str(tmp_path / "px")
+    fit_coarse(data, run, out, CoarseFitConfig(model_path=tiny_llama, trainable_layers=1,
+                                               epochs=1, batch_size=32, max_length=32,
+                                               basis_rank=4), progress=False)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"plugins": [{"name": "idproxy", "options": {
+        "proxies": out, "z_rank": 3, "hidden_dim": 8}}]}))
+    run2 = str(tmp_path / "run_v5")
+    cfg = TrainConfig(data=data, out=run2, world_size=1, epochs=1, max_steps=3, batch_size=64,
+                      history_length=10, progress=False, evaluate=False, plugins=str(spec))
+    train(cfg)
+    gen = ProxyGenerator.load(out, run=run2, batch_size=16)
+    assert gen.fine is not None and gen.fine.z_rank == 3
+    items = load_items(data)
+    ids = [3, 50, 299]
+    texts = [items.column("text").to_pylist()[i] for i in ids]
+    g = gen.generate(texts)
+    px = load_proxies(out)
+    torch.testing.assert_close(g.p_coarse, px.p_coarse[ids], atol=1e-4, rtol=0)
+    torch.testing.assert_close(g.z_groups, px.z_groups[ids], atol=2e-2, rtol=0)  # fp16 store
+    # the ranker's fine proxy (buffers of every item) with the run's trained weights
+    fine = FineProxy(px.p_coarse, px.z_groups, 8, z_rank=3, z_mean=px.z_mean,
+                     z_basis=px.z_basis)
+    fine.load_state_dict(load_fine_weights(run2))
+    with torch.no_grad():
+        _, ref = fine.proxies(torch.tensor(ids))
+    assert not torch.allclose(ref, px.p_coarse[ids], atol=1e-3)  # the adaptor is trained
+    torch.testing.assert_close(g.p_fine, ref, atol=5e-3, rtol=0)

@@ -8,7 +8,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from torchrec_mm.idproxy.artifacts import Proxies, save_proxies
+from torchrec_mm.idproxy.artifacts import Proxies, group_basis, save_proxies
 from torchrec_mm.idproxy.modules import (
     FineProxy,
     IDProxyConfig,
@@ -57,19 +57,27 @@ def _batch(samples, n=48):
 
 def _fine_ref(fp: FineProxy, ids):
     pc = fp.p_coarse[ids]
-    z = fp.z_groups[ids].reshape(len(ids), G * DC)
+    z = fp.z_in[ids]
     l1, l2 = fp.adaptor[0], fp.adaptor[2]
     raw = torch.relu(z @ l1.weight.T + l1.bias) @ l2.weight.T + l2.bias
     r = torch.sigmoid(torch.cat([pc, raw], 1) @ fp.gate.weight.T + fp.gate.bias)
     return pc, pc @ fp.coarse_map.weight.T + r * raw
 
 
-@settings(max_examples=15, deadline=None)
-@given(st.lists(st.integers(0, N_ITEMS - 1), min_size=0, max_size=20), st.integers(0, 3))
-def test_fine_proxy_matches_formula(ids, seed):
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(0, N_ITEMS - 1), min_size=0, max_size=50), st.integers(0, 3),
+       st.sampled_from([0, 2]))
+def test_fine_proxy_matches_formula(ids, seed, z_rank):
+    # few ids: adaptor over the distinct ids; >= N/2 ids: over the whole catalogue
     p = _proxies(seed=seed)
     torch.manual_seed(seed)
-    fp = FineProxy(p.p_coarse, p.z_groups, hidden_dim=16)
+    fp = FineProxy(p.p_coarse, p.z_groups, hidden_dim=16, z_rank=z_rank)
+    if z_rank:
+        mean, basis = group_basis(p.z_groups, z_rank)
+        ref_in = torch.einsum("ngd,gdr->ngr", p.z_groups - mean, basis).flatten(1)
+        torch.testing.assert_close(fp.z_in, ref_in)
+    else:
+        assert torch.equal(fp.z_in, p.z_groups.flatten(1))
     with torch.no_grad():  # move W_c off the identity so it is really tested
         fp.coarse_map.weight.add_(0.1 * torch.randn(D, D))
     ids = torch.tensor(ids, dtype=torch.long)
@@ -79,6 +87,27 @@ def test_fine_proxy_matches_formula(ids, seed):
     torch.testing.assert_close(pc, rpc)
     torch.testing.assert_close(pf, rpf)
     torch.testing.assert_close(fp(ids), rpf)
+
+
+def test_group_basis_is_pca():
+    """Orthonormal columns by decreasing variance; they span the planted subspace."""
+    g = torch.Generator().manual_seed(0)
+    n, d, r = 500, 10, 3
+    coords = torch.randn(n, G, r, generator=g) * torch.tensor([5.0, 3.0, 2.0])
+    frames = torch.linalg.qr(torch.randn(G, d, d, generator=g))[0][:, :, :r]
+    z = torch.einsum("ngr,gdr->ngd", coords, frames) + 0.01 * torch.randn(n, G, d, generator=g)
+    mean, basis = group_basis(z + 7.0, r)
+    assert basis.shape == (G, d, r)
+    torch.testing.assert_close(mean, (z + 7.0).mean(0))
+    for j in range(G):
+        torch.testing.assert_close(basis[j].T @ basis[j], torch.eye(r), atol=1e-5, rtol=0)
+        proj = frames[j] @ frames[j].T  # the planted subspace contains every column
+        torch.testing.assert_close(proj @ basis[j], basis[j], atol=1e-2, rtol=0)
+        var = ((z[:, j] - z[:, j].mean(0)) @ basis[j]).var(0)
+        assert bool((var[:-1] >= var[1:]).all())
+    # a stored basis of higher rank is cut to z_rank columns
+    fp = FineProxy(torch.randn(n, D), z, z_rank=2, z_mean=mean - 7.0, z_basis=basis)
+    assert fp.z_in.shape == (n, G * 2)
 
 
 def test_fine_proxy_init_identity_and_frozen_buffers():
@@ -139,7 +168,7 @@ def test_embedding_collection_wrapper(samples, mode, use_fine):
                     src.fine.coarse_map.weight):
             assert prm.grad is not None and prm.grad.abs().sum() > 0
         assert not src.fine.p_coarse.requires_grad and src.fine.p_coarse.grad is None
-        assert not src.fine.z_groups.requires_grad
+        assert not src.fine.z_in.requires_grad
 
 
 def _pooled_ref(ebc, p, src, kjt, mode, use_fine, cold):
@@ -214,7 +243,7 @@ def test_embedding_bag_collection_wrapper(samples, mode, use_fine):
         for prm in (w.source.fine.adaptor[0].weight, w.source.fine.gate.weight,
                     w.source.fine.coarse_map.weight):
             assert prm.grad is not None and prm.grad.abs().sum() > 0
-        assert w.source.fine.z_groups.grad is None
+        assert w.source.fine.z_in.grad is None
 
 
 def _build(samples, kind, mode, tmp_path):

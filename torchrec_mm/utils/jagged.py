@@ -24,3 +24,25 @@ def segment_sum(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 def segment_mean(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """[sum(lengths), d] rows → [B, d] per-segment means (zero for empty segments)."""
     return _sum(values, lengths) / lengths.clamp(min=1).unsqueeze(1).to(values.dtype)
+
+
+@torch.fx.wrap
+def gather_pool(table: torch.Tensor, index: torch.Tensor, lengths: torch.Tensor,
+                mode: str = "mean", weights: "torch.Tensor | None" = None) -> torch.Tensor:
+    """Per-segment pooling of table rows without materialising the gathered rows.
+
+    Args:
+        table: [U, d] rows (may require grad).
+        index: [sum(lengths)] row of each jagged value.
+        lengths: [B] segment lengths.
+        mode: ``mean`` or ``sum`` (``sum`` takes optional per-value ``weights``).
+
+    Returns:
+        [B, d]; zero for empty segments. One fused ``embedding_bag``, gradient into
+        ``table`` included.
+    """
+    offsets = torch.zeros(lengths.numel() + 1, dtype=torch.long, device=lengths.device)
+    offsets[1:] = torch.cumsum(lengths.long(), 0)
+    return torch.nn.functional.embedding_bag(index.long(), table, offsets,
+                                             mode=mode, per_sample_weights=weights,
+                                             include_last_offset=True)
