@@ -225,9 +225,18 @@ def run_experiment(spec_path: str, data: str, out: str,
                           tables=[Table.from_runs("AUC / GAUC (mean ± std over seeds)",
                                                   table_runs)])],
         slice_metrics={v: res["per_seed"] for v, res in results.items()},
-        slice_order=SLICE_ORDER)
+        slice_order=SLICE_ORDER + _age_slices(results))
     print(f"report: {os.path.join(out, 'report.html')}")
     return metrics
+
+
+def _age_slices(results: Dict[str, Any]) -> List[str]:
+    """The item-age slice names of the results, in bucket order (youngest first)."""
+    names: List[str] = []
+    for res in results.values():
+        for r in res["per_seed"]:
+            names += [k for k in r if k.startswith("age") and k not in names]
+    return names
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -194,7 +194,7 @@ def _pooled_ref(ebc, p, src, kjt, mode, use_fine, cold):
     hs = [x.tolist() for x in torch.split(h.values(), h.lengths().tolist())]
     zero = torch.zeros(D)
     out = {}
-    if mode == "augment":
+    if mode in ("augment", "feature"):
         for kind in (["coarse", "fine"] if use_fine else ["coarse"]):
             out[f"item_id_{kind}"] = torch.stack([prox(i, kind) for i in t])
             out[f"hist_item_id_{kind}"] = torch.stack(
@@ -207,7 +207,7 @@ def _pooled_ref(ebc, p, src, kjt, mode, use_fine, cold):
     return out
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MODES + ["feature"])
 @pytest.mark.parametrize("use_fine", [True, False])
 def test_embedding_bag_collection_wrapper(samples, mode, use_fine):
     layout = samples.layout
@@ -223,7 +223,7 @@ def test_embedding_bag_collection_wrapper(samples, mode, use_fine):
     inner = ebc(kjt).to_dict()
     extra = ([f"{f}_{k}" for f in ("item_id", "hist_item_id")
               for k in (["coarse", "fine"] if use_fine else ["coarse"])]
-             if mode == "augment" else [])
+             if mode in ("augment", "feature") else [])
     assert list(out) == list(inner) + extra
     assert [f for c in w.embedding_bag_configs() for f in c.feature_names] == list(out)
     ref = _pooled_ref(ebc, p, w.source, kjt, mode, use_fine, cold)
@@ -232,7 +232,7 @@ def test_embedding_bag_collection_wrapper(samples, mode, use_fine):
             torch.testing.assert_close(v, ref[k], atol=1e-5, rtol=1e-5)
         else:
             torch.testing.assert_close(v, inner[k])
-    if mode == "augment":
+    if mode in ("augment", "feature"):
         torch.testing.assert_close(out["item_id"], inner["item_id"])
         torch.testing.assert_close(out["hist_item_id"], inner["hist_item_id"])
     else:
@@ -260,11 +260,17 @@ def _build(samples, kind, mode, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["dlrm", "dlrm_dcn", "target_attention"])
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MODES + ["feature"])
 def test_unmodified_rankers_train_with_plugin(samples, tmp_path, kind, mode):
     model = _build(samples, kind, mode, tmp_path)
-    wrapped = (model.embedding_collection if kind == "target_attention"
-               else model.sparse_arch.embedding_bag_collection)
+    wrapped = (model.embedding_collection if kind == "target_attention" and mode != "feature"
+               else _ebc_of(model))
+    if mode == "feature" and kind == "target_attention":
+        # v4: proxies as pooled features; the attention's item slots stay ID-only
+        assert type(model.embedding_collection).__name__ == "EmbeddingCollection"
+        assert isinstance(wrapped, IDProxyEmbeddingBagCollection)
+        assert {"item_id_fine", "hist_item_id_fine"} <= {
+            f for c in wrapped.embedding_bag_configs() for f in c.feature_names}
     assert isinstance(wrapped, (IDProxyEmbeddingCollection, IDProxyEmbeddingBagCollection))
     train = RankerTrain(model)
     batch = _batch(samples, 64)
@@ -277,11 +283,24 @@ def test_unmodified_rankers_train_with_plugin(samples, tmp_path, kind, mode):
     fine = wrapped.source.fine
     assert fine.adaptor[0].weight.grad.abs().sum() > 0
     # the ID table trains too (in swap: through the items without content)
-    if kind == "target_attention":
+    if kind == "target_attention" and mode == "feature":
+        table = model.embedding_collection.embeddings["t_item_id"]
+    elif kind == "target_attention":
         table = wrapped.embedding_collection.embeddings["t_item_id"]
     else:
         table = wrapped.embedding_bag_collection.embedding_bags["t_item_id"]
     assert table.weight.grad is not None and table.weight.grad.abs().sum() > 0
+
+
+def _ebc_of(model):
+    if hasattr(model, "sparse_arch"):
+        return model.sparse_arch.embedding_bag_collection
+    return model.embedding_bag_collection
+
+
+def test_feature_mode_is_not_for_the_sequence_table():
+    with pytest.raises(ValueError, match="wraps the EmbeddingBagCollection"):
+        IDProxyEmbeddingCollection(None, _proxies(), IDProxyConfig(mode="feature"))
 
 
 def test_fx_trace_target_attention(samples, tmp_path):

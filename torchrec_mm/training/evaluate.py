@@ -6,7 +6,10 @@ Slices (each a set of test samples):
   ``cold``: new items, with no training interaction;
 * ``L1`` .. ``L6``: popularity groups of the *target item* by its number of training
   impressions (QARM Table 5; ``torchrec_mm.metrics.slices.popularity_groups``), cold
-  items included in L1 since they have no training count.
+  items included in L1 since they have no training count;
+* ``age<1d``, ``age:1d-7d``, ``age:7d-30d``, ``age>=30d``: item age at impression time
+  (timestamp minus the item's first appearance in the log; the IDProxy paper's "new
+  notes" view).
 
 Metrics per slice: AUC, UAUC, GAUC (``torchrec_mm.metrics.ranking``), log-loss, CTR and
 counts.
@@ -91,7 +94,12 @@ def training_item_counts(samples: RankingSamples) -> np.ndarray:
 def slice_metrics(samples: RankingSamples, pred: Dict[str, np.ndarray],
                   num_groups: int = NUM_POPULARITY_GROUPS) -> Dict[str, Dict[str, float]]:
     """Metrics on every slice of the module docstring."""
-    from torchrec_mm.metrics.slices import popularity_slices, sliced_ranking_metrics
+    from torchrec_mm.metrics.slices import (
+        first_appearance,
+        item_age_slices,
+        popularity_slices,
+        sliced_ranking_metrics,
+    )
 
     split = torch.from_numpy(pred["split"])
     masks: Dict[str, torch.Tensor] = {
@@ -102,6 +110,11 @@ def slice_metrics(samples: RankingSamples, pred: Dict[str, np.ndarray],
     item_ids = torch.from_numpy(pred["item_id"])
     counts = torch.from_numpy(training_item_counts(samples))
     masks.update(popularity_slices(item_ids, counts, num_groups))
+    if "row" in pred:  # item age at impression: the paper's "new notes" view
+        first = first_appearance(torch.from_numpy(samples.item), torch.from_numpy(
+            samples.timestamp), samples.layout.num_items)
+        ts = torch.from_numpy(samples.timestamp[pred["row"]])
+        masks.update(item_age_slices(item_ids, ts, first))
     scores = torch.from_numpy(pred["score"]).double()
     labels = torch.from_numpy(pred["label"]).double()
     users = torch.from_numpy(pred["user_id"])
