@@ -60,7 +60,7 @@ def sharded_sgd_run(cfg, samples: RankingSamples, ctx, steps: int,
     from torchrec_mm.training.evaluate import predict
     from torchrec_mm.training.trainer import build_model, make_optimizer, shard_model
 
-    model, plugins = build_model(cfg, samples.layout)
+    model, plugins = build_model(cfg, samples.layout, samples)
     dmp = shard_model(model, cfg, ctx, plugins)
     opt = make_optimizer(dmp, cfg)
     ds = RankingBatchDataset(samples, "train", cfg.batch_size, seed=0, rank=ctx.rank,
@@ -91,7 +91,7 @@ def reference_sgd_run(cfg, samples: RankingSamples, world_size: int, steps: int,
     from torchrec_mm.data.batching import RankingBatchDataset
     from torchrec_mm.training.trainer import build_model, embedding_parameters
 
-    model, _ = build_model(cfg, samples.layout)
+    model, _ = build_model(cfg, samples.layout, samples)
     emb = embedding_parameters(model)
     emb_ids = {id(p) for p in emb}
     dense = [p for p in model.parameters() if id(p) not in emb_ids]

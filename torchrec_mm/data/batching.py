@@ -25,7 +25,7 @@ positive, as a serving system would.
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -162,6 +162,9 @@ class RankingSamples:
         self.label = columns["label"][order].astype(np.float32)
         self.split = split[order].astype(np.int8)
         self.layout = layout
+        #: applied in order to every batch :meth:`make_batch` builds (plugins' feature
+        #: transforms, e.g. QARM's code features; see ``RankerPlugin.batch_transform``)
+        self.batch_transforms: List[Callable[["Batch"], "Batch"]] = []
         self.user_attr_values = {k: np.asarray(v, dtype=np.int64)
                                  for k, v in user_attr_values.items()}
         for k in layout.user_attrs:
@@ -250,13 +253,16 @@ class RankingSamples:
         dense = np.stack(
             [np.log1p(hist_len) / math.log1p(self.layout.history_length),
              np.sin(angle), np.cos(angle)], axis=1).astype(np.float32)
-        return Batch(
+        batch = Batch(
             dense_features=torch.from_numpy(dense),
             sparse_features=kjt,
             labels=torch.from_numpy(self.label[rows].copy()),
             user_ids=torch.from_numpy(users.copy()),
             item_ids=torch.from_numpy(self.item[rows].copy()),
         )
+        for transform in self.batch_transforms:
+            batch = transform(batch)
+        return batch
 
 
 class RankingBatchDataset(IterableDataset):

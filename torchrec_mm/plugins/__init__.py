@@ -44,7 +44,7 @@ import inspect
 import os
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, Callable, ClassVar, Dict, List, Optional, Type, TypeVar, Union
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Type, TypeVar, Union
 
 import torch
 import yaml
@@ -116,6 +116,23 @@ class RankerPlugin:
     def sharders(self, device: torch.device) -> List[Any]:
         """Sharders of this plugin's own sharded modules (none by default)."""
         return []
+
+    def batch_transform(self, ctx: PluginContext) -> Optional[Callable[[Any], Any]]:
+        """Data side: a function ``Batch -> Batch`` run on every batch when it is built
+        (in the data-loader workers, before the input distribution), e.g. to add
+        sparse features derived from the ids already in the batch; its keys then reach
+        the (sharded) collections as ordinary KJT features, so
+        ``TrainPipelineSparseDist`` prefetches them. None (default): no transform."""
+        return None
+
+
+def install_batch_transforms(plugins: Sequence[RankerPlugin], samples: Any,
+                             ctx: PluginContext) -> None:
+    """Sets ``samples.batch_transforms`` (a ``RankingSamples``) to the plugins'
+    :meth:`~RankerPlugin.batch_transform` s, in spec order — replacing any earlier
+    ones, so building a second model on the same samples does not stack them."""
+    transforms = [plugin.batch_transform(ctx) for plugin in plugins]
+    samples.batch_transforms = [t for t in transforms if t is not None]
 
 
 def register_plugin(name: str) -> Callable[[P], P]:

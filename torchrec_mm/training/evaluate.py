@@ -165,7 +165,7 @@ def evaluate_run(run: str, data: Optional[str] = None, batch_size: int = 4096,
     ctx = init_distributed(0, 1)
     try:
         samples = RankingSamples.from_dataset(cfg.data, cfg.history_length)
-        model, plugins = build_model(cfg, samples.layout)
+        model, plugins = build_model(cfg, samples.layout, samples)
         model = shard_model(model, cfg, ctx, plugins)
         step, skeleton, tensors = ckpt.read_checkpoint(latest)
         model.load_state_dict(ckpt.restore(model.state_dict(), ckpt.child(skeleton, "model"),

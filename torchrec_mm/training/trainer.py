@@ -140,21 +140,36 @@ def embedding_parameters(module: nn.Module) -> List[nn.Parameter]:
     return params
 
 
-def build_model(cfg: TrainConfig, layout: FeatureLayout) -> Tuple[nn.Module, List[Any]]:
+def build_model(cfg: TrainConfig, layout: FeatureLayout,
+                samples: Optional[RankingSamples] = None) -> Tuple[nn.Module, List[Any]]:
     """Ranker (with plugins) wrapped in :class:`RankerTrain`, unsharded, seeded.
+
+    Args:
+        samples: the sample index the model will be fed from; given, the plugins see
+            it (``ctx.extras["samples"]``) and their batch transforms are installed
+            on it (``RankerPlugin.batch_transform``).
 
     Returns:
         (model, plugin instances) — the plugins also contribute sharders.
     """
-    from torchrec_mm.plugins import PluginContext, PluginSpec, apply_plugins, load_spec
+    from torchrec_mm.plugins import (
+        PluginContext,
+        PluginSpec,
+        apply_plugins,
+        install_batch_transforms,
+        load_spec,
+    )
 
     torch.manual_seed(cfg.seed)
     spec = load_spec(cfg.plugins) if cfg.plugins else PluginSpec()
     ranker_cfg = cfg.ranker
     if spec.ranker:
         ranker_cfg = RankerConfig.from_dict({**dataclasses.asdict(cfg.ranker), **spec.ranker})
-    context = PluginContext(data_dir=cfg.data, layout=layout, ranker=ranker_cfg)
+    context = PluginContext(data_dir=cfg.data, layout=layout, ranker=ranker_cfg,
+                            extras={} if samples is None else {"samples": samples})
     plugins = spec.instantiate()
+    if samples is not None:
+        install_batch_transforms(plugins, samples, context)
     tables = apply_plugins(table_configs(layout, ranker_cfg), spec, context, plugins)
     collections = apply_plugins(build_collections(layout, ranker_cfg, tables), spec,
                                 context, plugins)
@@ -283,7 +298,7 @@ def run_rank(cfg: TrainConfig, ctx: DistContext,
     if samples is None:
         samples = RankingSamples.from_dataset(cfg.data, cfg.history_length)
     layout = samples.layout
-    unsharded, plugins = build_model(cfg, layout)
+    unsharded, plugins = build_model(cfg, layout, samples)
     model = shard_model(unsharded, cfg, ctx, plugins)
     optimizer = make_optimizer(model, cfg)
     ckpt_root = os.path.join(cfg.out, "checkpoints")
