@@ -19,6 +19,7 @@ _COMMAND_MODULES = [
     "torchrec_mm.content.cli",
     "torchrec_mm.training.cli",
     "torchrec_mm.idproxy.cli",
+    "torchrec_mm.qarm.cli",
 ]
 
 

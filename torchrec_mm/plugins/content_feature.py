@@ -20,6 +20,7 @@ Spec::
         options: {store: out/demo/content, history: true}
 """
 
+import os
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
@@ -97,13 +98,35 @@ class ContentFeatureCollection(nn.Module):
         return _append_keys(kt, keys, values)
 
 
+def _representation_file(path: str, num_items: int) -> "tuple[torch.Tensor, torch.Tensor]":
+    """(table [num_items, D] zero where missing, present [num_items] bool) of a
+    safetensors file holding ``reps`` and ``has_rep``."""
+    from torchrec_mm.utils.io import load_tensors
+
+    t = load_tensors(path)
+    if "reps" not in t or "has_rep" not in t:
+        raise ValueError(f"{path}: expected tensors 'reps' [N, D] and 'has_rep' [N], "
+                         f"found {sorted(t)}")
+    reps, has = t["reps"].float(), t["has_rep"].bool()
+    if reps.dim() != 2 or reps.shape[0] < num_items or has.shape[0] != reps.shape[0]:
+        raise ValueError(f"{path}: reps {tuple(reps.shape)} / has_rep {tuple(has.shape)} do "
+                         f"not cover the dataset's {num_items} items")
+    bad = has & ~torch.isfinite(reps).all(dim=1)
+    if bool(bad.any()):
+        raise ValueError(f"{path}: reps of item {int(bad.nonzero()[0])} has NaN/Inf")
+    reps, has = reps[:num_items], has[:num_items]
+    return reps * has.unsqueeze(1), has
+
+
 @dataclass
 class ContentFeatureOptions:
     """Options of the ``content_feature`` plugin.
 
     Attributes:
         store: content store directory written by ``torchrec-mm encode`` (relative
-            paths are resolved against the dataset directory's parent first).
+            paths are resolved against the dataset directory's parent first), or a
+            safetensors file of item representations ``reps`` [N, D] + ``has_rep``
+            [N] (e.g. QARM's ``aligned.safetensors``: the "+IA Rep" variant).
         field: which stored state to use (``pooled``, ``emb_token``).
         history: also add the mean content of the history items.
         missing: ``zeros`` (items without content get a zero vector) or ``error``.
@@ -125,19 +148,25 @@ class ContentFeaturePlugin(RankerPlugin):
         if ctx.layout is None or ctx.ranker is None:
             raise ValueError("content_feature needs the feature layout and ranker config")
         path = ctx.resolve_path(self.options.store)
-        store = ContentStore(path)
-        ids = torch.arange(ctx.layout.num_items)
-        present = store.contains(ids)
+        n = ctx.layout.num_items
+        if os.path.isfile(path):
+            table, present = _representation_file(path, n)
+        else:
+            store = ContentStore(path)
+            present = store.contains(torch.arange(n))
+            table = None
+        ids = torch.arange(n)
         if not bool(present.any()):
             raise ValueError(f"content store {path} has none of the "
-                             f"dataset's {ctx.layout.num_items} items")
+                             f"dataset's {n} items")
         if self.options.missing == "error" and not bool(present.all()):
             first = int(ids[~present][0])
             raise ValueError(f"content store {path} has no content for "
                              f"item {first} ({int((~present).sum())} items missing)")
-        stored = store.get(ids[present], self.options.field).float()
-        table = torch.zeros(ctx.layout.num_items, stored.shape[-1])
-        table[present] = stored
+        if table is None:
+            stored = store.get(ids[present], self.options.field).float()
+            table = torch.zeros(n, stored.shape[-1])
+            table[present] = stored
         collections.ebc = ContentFeatureCollection(
             collections.ebc, table, ctx.ranker.embedding_dim,
             history_feature="hist_item_id" if self.options.history else None)

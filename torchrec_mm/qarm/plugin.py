@@ -28,7 +28,6 @@ Items without codes (no content) carry the reserved "no code" index of each tabl
 (one trained row), so a batch never holds an invalid id.
 """
 
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -49,10 +48,15 @@ class QARMOptions:
     Attributes:
         codes: directory written by ``torchrec-mm qarm codes`` (relative paths resolve
             against the dataset's parent first, then the cwd).
-        use_vq / use_rq: item-side VQ / RQ code features.
+        use_vq: VQ code features: the target's (and, with ``user_vq``, the history's).
+        vq_k: use the first (nearest) k of the stored K VQ codes (0: all K) — the K
+            sweep of the paper's Table 7 without rebuilding the codes.
+        use_rq: RQ code features: the target's, the history's and the target-aware
+            matching sequences (which are defined by RQ code prefixes).
         user_len: history items whose codes form the user-side features (0: none).
         user_vq: user-side VQ codes too (K values per history item: costly).
-        levels: L' target-aware matching levels (0: all L; ``cross: none`` disables).
+        levels: L' target-aware matching levels (0: all L; ``cross: none`` or
+            ``use_rq: false`` disables them).
         match_len: n, latest matching items per level.
         cross: ``attention`` (CrossNet), ``pooled`` (mean of matched items' codes) or
             ``none``.
@@ -62,6 +66,7 @@ class QARMOptions:
 
     codes: str = "qarm_codes"
     use_vq: bool = True
+    vq_k: int = 0
     use_rq: bool = True
     user_len: int = 32
     user_vq: bool = False
@@ -71,9 +76,11 @@ class QARMOptions:
     embedding_dim: int = 0
 
     def __post_init__(self) -> None:
+        if not (self.use_vq or self.use_rq):
+            raise ValueError("qarm: use_vq and use_rq are both off: no feature")
         if self.cross not in CROSS:
             raise ValueError(f"qarm: unknown cross '{self.cross}', expected one of {CROSS}")
-        for name in ("user_len", "levels", "match_len", "embedding_dim"):
+        for name in ("user_len", "levels", "match_len", "embedding_dim", "vq_k"):
             if getattr(self, name) < 0:
                 raise ValueError(f"qarm: option {name} must be >= 0, got {getattr(self, name)}")
 
@@ -125,12 +132,13 @@ class QARMPlugin(RankerPlugin):
         codes = self.codes(ctx)
         o = self.options
         num_levels = int(codes.rq.shape[1])
-        levels = 0 if o.cross == "none" else (o.levels or num_levels)
+        levels = 0 if (o.cross == "none" or not o.use_rq) else (o.levels or num_levels)
         if levels > num_levels:
             raise ValueError(f"qarm: levels {levels} > the codes' {num_levels} RQ levels")
+        user_len = o.user_len if (o.use_rq or (o.use_vq and o.user_vq)) else 0
         return CodeFeatureConfig.from_codes(
-            codes, levels=levels, match_len=o.match_len, user_len=o.user_len,
-            use_vq=o.use_vq or (o.user_vq and o.user_len > 0), use_rq=True)
+            codes, levels=levels, match_len=o.match_len, user_len=user_len,
+            use_vq=o.use_vq, use_rq=o.use_rq)
 
     def _dim(self, ctx: PluginContext) -> int:
         if self.options.embedding_dim:
@@ -143,7 +151,12 @@ class QARMPlugin(RankerPlugin):
     def batch_transform(self, ctx: PluginContext) -> Optional[Callable[[Any], Any]]:
         codes = self.codes(ctx)
         cfg = self.feature_config(ctx)
-        vq = codes.vq.long() if cfg.use_vq else None
+        vq = None
+        if cfg.use_vq:
+            k = self.options.vq_k or int(codes.vq.shape[1])
+            if k > codes.vq.shape[1]:
+                raise ValueError(f"qarm: vq_k {k} > the {codes.vq.shape[1]} stored VQ codes")
+            vq = codes.vq[:, :k].long().contiguous()
         return _CodeTransform(codes.rq.long(), vq, cfg, self.options.user_vq)
 
     def configure_tables(self, tables: Any, ctx: PluginContext) -> Any:
@@ -153,9 +166,9 @@ class QARMPlugin(RankerPlugin):
         p = cfg.prefix
         num_levels = int(self.codes(ctx).rq.shape[1])
         vq_features = ([f"{p}_vq"] if o.use_vq else []) + \
-            ([f"{p}_hist_vq"] if o.user_vq and o.user_len else [])
+            ([f"{p}_hist_vq"] if o.use_vq and o.user_vq and cfg.user_len else [])
         rq_features = ([f"{p}_rq"] if o.use_rq else []) + \
-            ([f"{p}_hist_rq"] if o.user_len else [])
+            ([f"{p}_hist_rq"] if o.use_rq and cfg.user_len else [])
         if o.cross == "pooled":
             rq_features += [f"{p}_match_l{lv}" for lv in range(1, cfg.levels + 1)]
         if vq_features:
@@ -169,7 +182,7 @@ class QARMPlugin(RankerPlugin):
         return tables
 
     def wrap_collections(self, collections: Any, ctx: PluginContext) -> Any:
-        if self.options.cross != "attention":
+        if self.options.cross != "attention" or not self.feature_config(ctx).levels:
             return collections
         from torchrec_mm.qarm.modules import QARMCrossCollection
 
@@ -180,7 +193,3 @@ class QARMPlugin(RankerPlugin):
             self._dim(ctx), cfg.match_len, prefix=cfg.prefix)
         return collections
 
-
-def default_codes_dir(data_dir: str) -> str:
-    """Where ``torchrec-mm qarm codes`` writes by default, next to the dataset."""
-    return os.path.join(os.path.dirname(os.path.abspath(data_dir)), "qarm_codes")

@@ -144,3 +144,18 @@ def test_bad_options(samples, codes):
         _model(samples, codes, "dlrm", levels=9)
     with pytest.raises(ValueError, match="unknown option"):
         QARMPlugin(codebook=3)
+
+
+@pytest.mark.parametrize("opts,present,absent", [
+    ({"use_rq": False, "user_vq": True}, {"qarm_vq", "qarm_hist_vq"},
+     {"qarm_rq", "qarm_hist_rq", "qarm_match_l1"}),
+    ({"use_vq": False}, {"qarm_rq", "qarm_hist_rq", "qarm_match_l1"}, {"qarm_vq"}),
+    ({"cross": "none", "user_len": 0}, {"qarm_vq", "qarm_rq"},
+     {"qarm_hist_rq", "qarm_match_l1"}),
+])
+def test_feature_selection(samples, codes, opts, present, absent):
+    model = _model(samples, codes, "dlrm", **opts)
+    keys = set(_batch(samples).sparse_features.keys())
+    assert present <= keys and not (absent & keys)
+    loss, _ = RankerTrain(model)(_batch(samples))
+    assert torch.isfinite(loss)
