@@ -23,10 +23,15 @@ def test_outputs(demo):
     out, m = demo
     html = open(os.path.join(out, "report.html")).read()
     assert html.count("data:image/png;base64,") >= 2
-    assert set(m["metrics"]["rankers"]) == {"dlrm", "target_attention", "dlrm+content_feature"}
+    assert set(m["metrics"]["rankers"]) == {"dlrm", "target_attention", "dlrm+content_feature",
+                                            "target_attention+idproxy", "dlrm+qarm"}
     for variant, r in m["metrics"]["rankers"].items():
         assert r["world_size"] == 2
-        assert {"test", "warm", "cold", "L1", "L6"} <= set(r["eval"])
+        assert {"test", "warm", "cold", "L1", "L6", "age<1d"} <= set(r["eval"])
+    # the plugins' artefacts: stage-1 proxies, aligned representations and codes
+    for path in ("idproxy/proxies.json", "qarm/aligned/align_metrics.json",
+                 "qarm/codes/codes.json"):
+        assert os.path.exists(os.path.join(out, path)), path
 
 
 def test_content_encoder_recovers_topics(demo):
@@ -42,6 +47,10 @@ def test_rankers_learn_and_content_helps_cold_items(demo):
         assert r[variant]["eval"]["warm"]["auc"] > 0.6, variant
     assert (r["dlrm+content_feature"]["eval"]["cold"]["auc"]
             > r["dlrm"]["eval"]["cold"]["auc"] + 0.02)
+    # the content plugins lift new items over their base rankers
+    assert (r["target_attention+idproxy"]["eval"]["cold"]["auc"]
+            > r["target_attention"]["eval"]["cold"]["auc"] + 0.01)
+    assert r["dlrm+qarm"]["eval"]["cold"]["auc"] > r["dlrm"]["eval"]["cold"]["auc"] + 0.01
 
 
 def test_rerun_reuses_finished_stages(demo):

@@ -1,8 +1,11 @@
 """``torchrec-mm demo``: the main job, end to end on the embedded synthetic data.
 
 synthetic data → cold-start split → encode items with MiniLM → train the baseline
-ranker(s) on 2 ranks under DMP → evaluate warm / cold / popularity slices →
-``OUT/metrics.json`` + ``OUT/report.html``.
+rankers on 2 ranks under DMP → the method plugins next to them (content as a feature;
+IDProxy: stage-1 proxies aligned to the DLRM run's item-ID table, then stage 1+2 in the
+target-attention ranker's ID slots; QARM: alignment on mined item2item pairs, VQ/RQ
+codes, code features and the CrossNet in DLRM) → evaluate warm / cold / popularity /
+item-age slices → ``OUT/metrics.json`` + ``OUT/report.html``.
 
 Every stage is resumable: re-running the command reuses the data and the finished
 encode chunks, and training resumes from its last checkpoint.
@@ -17,7 +20,56 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import yaml
 
-DEFAULT_RANKERS = ("dlrm", "target_attention", "dlrm+content_feature")
+DEFAULT_RANKERS = ("dlrm", "target_attention", "dlrm+content_feature",
+                   "target_attention+idproxy", "dlrm+qarm")
+#: the run whose item-ID table the IDProxy targets and QARM's retrieval pairs come from
+ID_SPACE_RUN = "dlrm"
+
+
+def prepare_plugin(plugin: str, out: str, data_dir: str, content_dir: str,
+                   timings: Dict[str, float]) -> Dict[str, Any]:
+    """Builds what a plugin variant needs (once) and returns its plugin options."""
+    if plugin == "content_feature":
+        return {"store": os.path.abspath(content_dir)}
+    id_run = os.path.join(out, "runs", ID_SPACE_RUN)
+    if plugin in ("idproxy", "qarm") and not os.path.exists(
+            os.path.join(id_run, "train_metrics.json")):
+        raise ValueError(f"demo variant with {plugin} needs the '{ID_SPACE_RUN}' run first "
+                         "(list it earlier in --rankers)")
+    t = time.time()
+    if plugin == "idproxy":
+        from torchrec_mm.idproxy.artifacts import META_FILE
+        from torchrec_mm.idproxy.coarse import CoarseFitConfig, fit_coarse
+
+        proxies = os.path.join(out, "idproxy")
+        if not os.path.exists(os.path.join(proxies, META_FILE)):
+            m = fit_coarse(data_dir, id_run, proxies, CoarseFitConfig(
+                trainable_layers=1, epochs=2, max_length=64, lr_head=3e-3))
+            print(f"idproxy stage 1: held-out recall@10 {m['baseline']['recall@10']:.3f} -> "
+                  f"{m['final']['recall@10']:.3f} (chance {m['chance']['recall@10']:.3f})")
+        timings["idproxy_fit"] = time.time() - t
+        return {"proxies": os.path.abspath(proxies)}
+    if plugin == "qarm":
+        from torchrec_mm.qarm.align import AlignConfig
+        from torchrec_mm.qarm.cli import run_align
+        from torchrec_mm.qarm.steps import qarm_codes_step
+
+        aligned = os.path.join(out, "qarm", "aligned")
+        if not os.path.exists(os.path.join(aligned, "align_metrics.json")):
+            # frozen encoder (its pooled states from the content store) + trained head:
+            # seconds on CPU; `torchrec-mm qarm align` fine-tunes encoder layers too
+            m = run_align(data_dir, aligned, AlignConfig(
+                trainable_layers=0, epochs=4, lr_head=3e-3,
+                content_store=os.path.abspath(content_dir)), id_run)
+            print(f"qarm align: held-out pair recall@10 {m['before']['recall@10']:.3f} -> "
+                  f"{m['after']['recall@10']:.3f}")
+        codes = os.path.join(out, "qarm", "codes")
+        qarm_codes_step(data_dir, codes, {
+            "reps": os.path.join(aligned, "aligned.safetensors"), "codebook_items": "train",
+            "vq_k": 25, "rq_levels": 6, "rq_codebook_size": 32}, {})
+        timings["qarm_prepare"] = time.time() - t
+        return {"codes": os.path.abspath(codes), "user_vq": True, "user_len": 8}
+    raise ValueError(f"demo: no preparation known for plugin '{plugin}'")
 
 
 def content_topic_agreement(store_dir: str, data_dir: str, k: int = 10,
@@ -96,11 +148,12 @@ def run_demo(out: str, users: int = 2000, items: int = 3000, interactions: int =
             if not encode:
                 raise ValueError(f"variant '{variant}' needs the content store: drop "
                                  "--no-encode")
+            options = prepare_plugin(plugin, out, data_dir, os.path.join(out, "content"),
+                                     timings)
             spec_path = os.path.join(out, "plugins", f"{plugin}.yaml")
             os.makedirs(os.path.dirname(spec_path), exist_ok=True)
             with open(spec_path, "w") as f:
-                yaml.safe_dump({"plugins": [{"name": plugin, "options": {
-                    "store": os.path.abspath(os.path.join(out, "content"))}}]}, f)
+                yaml.safe_dump({"plugins": [{"name": plugin, "options": options}]}, f)
         t = time.time()
         cfg = TrainConfig(data=data_dir, out=os.path.join(out, "runs", variant),
                           ranker=RankerConfig(kind=kind), plugins=spec_path,
@@ -128,12 +181,13 @@ def run_demo(out: str, users: int = 2000, items: int = 3000, interactions: int =
             tables=[Table.from_flat("topic recovery by content nearest neighbours",
                                     {k: v for k, v in content.items() if k != "store"})]))
     path = write_report(
-        out, metrics, curves=curves, title="torchrec-mm demo: baseline rankers and content as a feature",
+        out, metrics, curves=curves, title="torchrec-mm demo: baseline rankers and the method plugins",
         config={"users": users, "items": items, "interactions": interactions,
                 "world_size": world_size, "epochs": epochs, "batch_size": batch_size,
                 "rankers": rankers},
         sections=sections, slice_metrics=slices,
-        slice_order=["test", "warm", "cold", "L1", "L2", "L3", "L4", "L5", "L6"])
+        slice_order=["test", "warm", "cold", "L1", "L2", "L3", "L4", "L5", "L6"]
+        + [k for k in next(iter(slices.values()), {}) if k.startswith("age")])
     print(f"report: {path}\nmetrics: {os.path.join(out, 'metrics.json')}")
     return metrics
 

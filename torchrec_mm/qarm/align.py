@@ -66,6 +66,8 @@ class AlignConfig:
         sources / window: pair mining (``mine_pairs``).
         seed: seed.
         eval_batch_size: items per forward in evaluation / the final encoding.
+        content_store: with ``trainable_layers: 0``, read the frozen pooled states
+            from this content store (``torchrec-mm encode``) instead of encoding again.
     """
 
     model_path: Optional[str] = None
@@ -86,6 +88,7 @@ class AlignConfig:
     window: int = 50
     seed: int = 0
     eval_batch_size: int = 64
+    content_store: Optional[str] = None
 
     def __post_init__(self) -> None:
         self.recall_ks = tuple(int(k) for k in self.recall_ks)
@@ -214,11 +217,26 @@ def align_items(data_dir: str, out_dir: str, config: Optional[AlignConfig] = Non
     if frozen:  # pooled states once; only φ (and nothing of M) trains
         for p in encoder.parameters():
             p.requires_grad_(False)
-        out = encoder.encode_texts([texts[i] for i in candidates],
-                                   [images[i] for i in candidates] if use_images else None,
-                                   batch_size=config.eval_batch_size, progress=progress)
         cached = torch.zeros(n_items, encoder.hidden_size)
-        cached[candidates] = out.pooled.float()
+        if config.content_store:
+            from torchrec_mm.content.store import ContentStore
+
+            store = ContentStore(config.content_store)
+            ids = torch.from_numpy(candidates)
+            present = store.contains(ids)
+            if not bool(present.all()):
+                raise ValueError(f"content store {config.content_store} lacks item "
+                                 f"{int(ids[~present][0])} (has content in {data_dir})")
+            pooled = store.get(ids, "pooled").float()
+            if pooled.shape[1] != encoder.hidden_size:
+                raise ValueError(f"content store {config.content_store} has dim "
+                                 f"{pooled.shape[1]}, the encoder {encoder.hidden_size}")
+            cached[candidates] = pooled
+        else:
+            out = encoder.encode_texts([texts[i] for i in candidates],
+                                       [images[i] for i in candidates] if use_images else None,
+                                       batch_size=config.eval_batch_size, progress=progress)
+            cached[candidates] = out.pooled.float()
     optimizer = torch.optim.AdamW(model.param_groups(config.lr_encoder, config.lr_head,
                                                      config.weight_decay))
     ks = config.recall_ks
