@@ -1,0 +1,1 @@
+"""RED-Rec: an LLM two-tower retrieval model over cross-scenario user histories."""
