@@ -44,7 +44,7 @@ def prepare_plugin(plugin: str, out: str, data_dir: str, content_dir: str,
         proxies = os.path.join(out, "idproxy")
         if not os.path.exists(os.path.join(proxies, META_FILE)):
             m = fit_coarse(data_dir, id_run, proxies, CoarseFitConfig(
-                trainable_layers=1, epochs=2, max_length=64, lr_head=3e-3))
+                trainable_layers=1, epochs=1, max_length=48, lr_head=3e-3))
             print(f"idproxy stage 1: held-out recall@10 {m['baseline']['recall@10']:.3f} -> "
                   f"{m['final']['recall@10']:.3f} (chance {m['chance']['recall@10']:.3f})")
         timings["idproxy_fit"] = time.time() - t
