@@ -20,6 +20,7 @@ _COMMAND_MODULES = [
     "torchrec_mm.training.cli",
     "torchrec_mm.idproxy.cli",
     "torchrec_mm.qarm.cli",
+    "torchrec_mm.redrec.cli",
 ]
 
 

@@ -1,0 +1,164 @@
+"""``torchrec-mm redrec train`` and ``torchrec-mm redrec evaluate``.
+
+::
+
+    torchrec-mm redrec train --data out/synth --out runs/redrec --epochs 2 \\
+        --batch-size 32 [--config redrec.yaml] \\
+        [--item-embedding content --content-store out/content]
+    torchrec-mm redrec evaluate --run runs/redrec [--index HNSW32] [--split test_warm]
+
+``train`` flags override the YAML :class:`~torchrec_mm.redrec.train.RedRecConfig`
+given by ``--config``; it resumes from ``OUT``'s latest checkpoint unless
+``--no-resume``. ``evaluate`` re-evaluates the latest checkpoint of a run directory
+(evaluation options may differ from the training run) and writes
+``RUN/eval_metrics.json``.
+"""
+
+import argparse
+import json
+from typing import Any, Dict
+
+from torchrec_mm.redrec.sequences import POLICIES
+from torchrec_mm.redrec.tower import INITS, ITEM_EMBEDDINGS
+from torchrec_mm.training.sharding import SHARDING_TYPES
+
+_KS_HELP = "comma-separated cutoffs K of HR/NDCG/MRR@K, e.g. 10,50,100,1000"
+
+
+def _ks(text: str) -> tuple:
+    try:
+        ks = tuple(int(k) for k in text.split(",") if k.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--ks: expected integers like 10,50, got {text!r}")
+    if not ks:
+        raise argparse.ArgumentTypeError("--ks: no cutoff given")
+    return ks
+
+
+def _add_eval_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--split", dest="eval_split", choices=["test", "test_warm", "test_cold"],
+                   help="events that may be evaluation targets (default test)")
+    p.add_argument("--index", dest="eval_index",
+                   help="'exact' or a faiss index_factory string (Flat, HNSW32, IVF64,Flat)")
+    p.add_argument("--nprobe", dest="eval_nprobe", type=int, help="IVF probes")
+    p.add_argument("--pool-size", dest="eval_pool_size", type=int,
+                   help="random catalogue items in the candidate pool (default 1e6, clamped)")
+    p.add_argument("--max-users", dest="eval_max_users", type=int,
+                   help="evaluate at most this many users (default 10000)")
+    p.add_argument("--num-targets", dest="eval_num_targets", type=int,
+                   help="targets per user (default 3)")
+    p.add_argument("--ks", dest="eval_ks", type=_ks, help=_KS_HELP)
+    p.add_argument("--eval-seed", type=int)
+    p.add_argument("--eval-batch-size", type=int, help="users per tower call")
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="dataset directory (with split.json)")
+    p.add_argument("--out", help="run directory (checkpoints, metrics)")
+    p.add_argument("--config", help="YAML RedRecConfig; flags given here override it")
+    p.add_argument("--model-path", help="local Hugging Face checkpoint of the user LM "
+                   "(default: the bundled MiniLM)")
+    p.add_argument("--init", choices=INITS)
+    p.add_argument("--item-embedding", choices=ITEM_EMBEDDINGS)
+    p.add_argument("--content-store", help="content store (item_embedding=content)")
+    p.add_argument("--content-field", choices=["emb_token", "pooled"])
+    p.add_argument("--embedding-dim", type=int)
+    p.add_argument("--interests-per-scenario", type=int)
+    p.add_argument("--policy", choices=POLICIES, help="sequence mixing policy")
+    p.add_argument("--last-n", type=int)
+    p.add_argument("--window", type=int, help="W, the look-ahead window")
+    p.add_argument("--cutoffs-per-user", type=int)
+    p.add_argument("--loss", choices=["multi_interest", "single_interest"])
+    p.add_argument("--nce-weight", type=float, help="weight of the next-item NCE term")
+    p.add_argument("--num-negatives", type=int)
+    p.add_argument("--negatives", choices=["uniform", "popularity"])
+    p.add_argument("--negative-alpha", type=float)
+    p.add_argument("--in-batch", action="store_true", default=None,
+                   help="also use other users' window items as negatives")
+    p.add_argument("--batch-size", type=int, help="users per rank and step")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--dense-lr", type=float)
+    p.add_argument("--embedding-lr", type=float)
+    p.add_argument("--embedding-optimizer", choices=["sgd", "adagrad"])
+    p.add_argument("--world-size", type=int, help="ranks to spawn (ignored under torchrun)")
+    p.add_argument("--sharding-type", choices=SHARDING_TYPES)
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--no-resume", action="store_true",
+                   help="start from scratch even if OUT has a checkpoint")
+    p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    _add_eval_flags(p)
+
+
+_NOT_OPTIONS = {"command", "redrec_command", "func", "config", "no_resume", "no_eval",
+                "no_progress", "verbose", "run"}
+
+
+def _options(args: argparse.Namespace) -> Dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k not in _NOT_OPTIONS and v is not None}
+
+
+def config_from_args(args: argparse.Namespace):
+    """A :class:`RedRecConfig` from ``--config`` overridden by the given flags."""
+    from torchrec_mm.redrec.train import load_redrec_config
+
+    flags = _options(args)
+    if args.no_resume:
+        flags["resume"] = False
+    if args.no_eval:
+        flags["evaluate"] = False
+    if args.no_progress:
+        flags["progress"] = False
+    return load_redrec_config(args.config, **flags)
+
+
+def _summary(metrics: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()
+            if k.startswith(("HR@", "NDCG@", "MRR")) or k in ("num_users", "pool_size")}
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from torchrec_mm.redrec.train import train_redrec
+
+    cfg = config_from_args(args)
+    result = train_redrec(cfg)
+    out: Dict[str, Any] = {"steps": result["steps"],
+                           "train_seconds": round(result["train_seconds"], 1)}
+    if result["curve"]:
+        out["last_loss"] = round(result["curve"][-1]["loss"], 4)
+    if result.get("eval"):
+        out["eval"] = _summary(result["eval"])
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from torchrec_mm.redrec.train import evaluate_run
+
+    overrides = _options(args)
+    if args.no_progress:
+        overrides["progress"] = False
+    result = evaluate_run(args.run, **overrides)
+    print(json.dumps({"step": result["step"], **_summary(result["metrics"])}, indent=1))
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Adds ``redrec`` with the subcommands ``train`` and ``evaluate``."""
+    p = subparsers.add_parser("redrec", help="RED-Rec user tower: train and evaluate",
+                              description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="redrec_command", metavar="SUBCOMMAND")
+    sub.required = True
+    t = sub.add_parser("train", help="train the RED-Rec user tower (resumable)")
+    _add_train_flags(t)
+    t.set_defaults(func=_run_train)
+    e = sub.add_parser("evaluate", help="evaluate a run's latest checkpoint")
+    e.add_argument("--run", required=True, help="run directory of `redrec train`")
+    e.add_argument("--data", help="dataset directory (default: the run's)")
+    e.add_argument("--world-size", type=int)
+    e.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    _add_eval_flags(e)
+    e.set_defaults(func=_run_evaluate)

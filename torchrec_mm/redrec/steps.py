@@ -1,0 +1,41 @@
+"""``torchrec-mm experiment`` prepare step of RED-Rec: ``redrec_train``.
+
+Options: any :class:`~torchrec_mm.redrec.train.RedRecConfig` field except ``data`` and
+``out`` (the experiment's data set and ``OUT/prepare/<step name>``); ``progress``
+defaults to False. A finished run with the same configuration is not retrained.
+Returns ``{"run": out, "steps": ..., "eval": {HR@K, NDCG@K, MRR...}}``, which the
+experiment records under ``metrics.json["prepare"][<step name>]``. Several steps with
+different options (e.g. ``policy: global_time``) give RED-Rec ablation runs; the
+experiment's ranker ablation table does not list them.
+"""
+
+import json
+import os
+from typing import Any, Dict
+
+from torchrec_mm.experiment import register_step
+
+
+@register_step("redrec_train")
+def redrec_train_step(data: str, out: str, options: Dict[str, Any],
+                      train_defaults: Dict[str, Any]) -> Dict[str, Any]:
+    from torchrec_mm.redrec.train import RedRecConfig, train_redrec
+
+    opts = dict(options)
+    clash = sorted(k for k in ("data", "out") if k in opts)
+    if clash:
+        raise ValueError(f"experiment step redrec_train: options {clash} are set by the "
+                         "experiment")
+    opts.setdefault("progress", False)
+    cfg = RedRecConfig.from_dict({**opts, "data": data, "out": out},
+                                 source="experiment step redrec_train")
+    done = os.path.join(out, "train_metrics.json")
+    result = None
+    if os.path.exists(done):
+        with open(done) as f:
+            old = json.load(f)
+        if old.get("config") == json.loads(json.dumps(cfg.to_dict())):
+            result = old
+    if result is None:
+        result = train_redrec(cfg)
+    return {"run": out, "steps": result["steps"], "eval": result.get("eval")}
