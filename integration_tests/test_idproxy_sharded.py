@@ -26,20 +26,18 @@ import os
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import yaml
 
-from torchrec_mm.data.batching import RankingBatchDataset
 from torchrec_mm.idproxy.artifacts import Proxies, save_proxies
 from torchrec_mm.models.rankers import RankerConfig
-from torchrec_mm.testing import random_samples, reference_sgd_run, sharded_sgd_run
-from torchrec_mm.training.distributed import init_distributed, spawn
-from torchrec_mm.training.trainer import (
-    TrainConfig,
-    build_model,
-    make_optimizer,
-    shard_model,
+from torchrec_mm.testing import (
+    pipelined_sgd_losses,
+    random_samples,
+    reference_sgd_run,
+    sharded_sgd_run,
 )
+from torchrec_mm.training.distributed import init_distributed, spawn
+from torchrec_mm.training.trainer import TrainConfig, build_model
 
 WORLD = 2
 B = 64
@@ -90,35 +88,14 @@ def _eval_rows(samples) -> np.ndarray:
     return samples.rows("test")[:150]
 
 
-def _pipelined_losses(case, out_dir: str, ctx, samples, rank: int):
-    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-
-    cfg = _config(*case, out_dir)
-    model, plugins = build_model(cfg, samples.layout)
-    dmp = shard_model(model, cfg, ctx, plugins)
-    pipeline = TrainPipelineSparseDist(dmp, make_optimizer(dmp, cfg), ctx.device)
-    ds = RankingBatchDataset(samples, "train", B, seed=0, rank=rank, world_size=WORLD)
-    it = iter([b for _, b in zip(range(STEPS), ds)])
-    losses = []
-    while True:
-        try:
-            loss = pipeline.progress(it)[0]
-        except StopIteration:
-            break
-        mean = loss.detach().clone()
-        dist.all_reduce(mean)
-        losses.append(float(mean) / WORLD)
-    return losses
-
-
 def _worker(out_dir: str) -> None:
     rank = int(os.environ["RANK"])
     ctx = init_distributed(rank, WORLD)
     samples = _samples()
     results = {}
     for case in PIPELINED:
-        results["pipelined/" + "/".join(case)] = _pipelined_losses(case, out_dir, ctx,
-                                                                   samples, rank)
+        results["pipelined/" + "/".join(case)] = pipelined_sgd_losses(
+            _config(*case, out_dir), samples, ctx, STEPS)
     for kind, sharding, mode in CASES:
         results[f"{kind}/{sharding}/{mode}"] = sharded_sgd_run(
             _config(kind, sharding, mode, out_dir), samples, ctx, STEPS, _eval_rows(samples))

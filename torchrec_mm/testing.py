@@ -78,6 +78,36 @@ def sharded_sgd_run(cfg, samples: RankingSamples, ctx, steps: int,
     return {"loss": losses, "score": pred["score"].tolist(), "plan": str(dmp.plan)}
 
 
+def pipelined_sgd_losses(cfg, samples: RankingSamples, ctx, steps: int) -> list:
+    """Trains ``cfg`` (plugins included) for ``steps`` under DMP through
+    ``TrainPipelineSparseDist`` on this rank's share of each global batch.
+
+    Returns the global mean loss per step (to compare with :func:`sharded_sgd_run`).
+    """
+    import torch.distributed as dist
+    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+    from torchrec_mm.data.batching import RankingBatchDataset
+    from torchrec_mm.training.trainer import build_model, make_optimizer, shard_model
+
+    model, plugins = build_model(cfg, samples.layout, samples)
+    dmp = shard_model(model, cfg, ctx, plugins)
+    pipeline = TrainPipelineSparseDist(dmp, make_optimizer(dmp, cfg), ctx.device)
+    ds = RankingBatchDataset(samples, "train", cfg.batch_size, seed=0, rank=ctx.rank,
+                             world_size=ctx.world_size)
+    it = iter([b for _, b in zip(range(steps), ds)])
+    losses = []
+    while True:
+        try:
+            loss = pipeline.progress(it)[0]
+        except StopIteration:
+            break
+        mean = loss.detach().clone()
+        dist.all_reduce(mean)
+        losses.append(float(mean) / ctx.world_size)
+    return losses
+
+
 def reference_sgd_run(cfg, samples: RankingSamples, world_size: int, steps: int,
                       eval_rows: np.ndarray, emb_lr_scale: float = 1.0):
     """The single-process side of a parity test: the same model, plain SGD (embedding
