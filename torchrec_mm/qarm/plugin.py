@@ -28,6 +28,7 @@ Items without codes (no content) carry the reserved "no code" index of each tabl
 (one trained row), so a batch never holds an invalid id.
 """
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -87,22 +88,27 @@ class QARMOptions:
 
 class _CodeTransform:
     """``Batch -> Batch``: the batch's KJT with the QARM code features appended
-    (picklable, so data-loader workers can run it)."""
+    (picklable, so data-loader workers can run it).
+
+    Without ``user_vq`` the target's VQ codes are built by a second, VQ-only call, so
+    the history's VQ expansion (K values per history item) is never computed."""
 
     def __init__(self, rq: torch.Tensor, vq: Optional[torch.Tensor],
                  cfg: CodeFeatureConfig, user_vq: bool) -> None:
-        self.rq, self.vq, self.cfg, self.user_vq = rq, vq, cfg, user_vq
+        self.rq, self.vq = rq, vq
+        self.configs = [cfg]
+        if cfg.use_vq and cfg.user_len and not user_vq:
+            self.configs = [dataclasses.replace(cfg, use_vq=False),
+                            dataclasses.replace(cfg, use_rq=False, user_len=0, levels=0)]
 
     def __call__(self, batch: Any) -> Any:
         from torchrec_mm.data.batching import Batch
 
         kjt = batch.sparse_features
-        extra = code_feature_kjt(kjt, self.rq, self.vq, self.cfg)
-        if self.cfg.use_vq and self.cfg.user_len and not self.user_vq:
-            keep = [k for k in extra.keys() if k != f"{self.cfg.prefix}_hist_vq"]
-            extra = extra.permute([extra.keys().index(k) for k in keep])
+        extra = [code_feature_kjt(kjt, self.rq, self.vq if c.use_vq else None, c)
+                 for c in self.configs]
         return Batch(dense_features=batch.dense_features,
-                     sparse_features=KeyedJaggedTensor.concat([kjt, extra]),
+                     sparse_features=KeyedJaggedTensor.concat([kjt] + extra),
                      labels=batch.labels, user_ids=batch.user_ids, item_ids=batch.item_ids)
 
 

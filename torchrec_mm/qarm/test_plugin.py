@@ -147,6 +147,7 @@ def test_bad_options(samples, codes):
 
 
 @pytest.mark.parametrize("opts,present,absent", [
+    ({}, {"qarm_vq", "qarm_rq", "qarm_hist_rq", "qarm_match_l1"}, {"qarm_hist_vq"}),
     ({"use_rq": False, "user_vq": True}, {"qarm_vq", "qarm_hist_vq"},
      {"qarm_rq", "qarm_hist_rq", "qarm_match_l1"}),
     ({"use_vq": False}, {"qarm_rq", "qarm_hist_rq", "qarm_match_l1"}, {"qarm_vq"}),
