@@ -254,6 +254,37 @@ def _proxies_of(model: CoarseProxyModel, enc: _Encoded, rows: np.ndarray,
     return h[torch.from_numpy(pos)]
 
 
+def resume_fit_state(state_root: str, fingerprint: str, model: nn.Module,
+                     optimizer: torch.optim.Optimizer, what: str, data: str
+                     ) -> Optional[Dict[str, Any]]:
+    """Loads the last per-epoch checkpoint of a fit (``/params/<name>`` of the model's
+    trainable parameters, ``/optimizer``, ``/progress``) into ``model``/``optimizer``.
+
+    Returns the saved progress dict, or None when there is no checkpoint. Raises
+    ``FileExistsError`` when the checkpoint's fingerprint differs (``what`` / ``data``
+    name the fit and its inputs in the message) and ``ValueError`` when a parameter
+    is missing.
+    """
+    latest = ckpt.latest_checkpoint(state_root) if os.path.isdir(state_root) else None
+    if latest is None:
+        return None
+    _, skeleton, tensors = ckpt.read_checkpoint(latest)
+    saved = ckpt.restore(None, ckpt.child(skeleton, "progress"), tensors, "/progress")
+    if saved.get("fingerprint") != fingerprint:
+        raise FileExistsError(f"{state_root} holds {what} with other settings or {data}; "
+                              "use another output directory or delete it")
+    with torch.no_grad():
+        for name, p in model.trainable_named_parameters():
+            key = f"/params/{name}"
+            if key not in tensors:
+                raise ValueError(f"{latest}: no tensor '{key}'")
+            p.copy_(tensors[key])
+    optimizer.load_state_dict(ckpt.restore(None, ckpt.child(skeleton, "optimizer"),
+                                           tensors, "/optimizer"))
+    logger.info("resumed %s from %s (epoch %d)", what, latest, saved["epoch"])
+    return saved
+
+
 def fit_coarse(data_dir: str, run_dir: Optional[str], out_dir: str,
                config: Optional[CoarseFitConfig] = None, progress: bool = True, *,
                targets: Optional[ItemTargets] = None, table_file: Optional[str] = None,
@@ -338,24 +369,9 @@ def fit_coarse(data_dir: str, run_dir: Optional[str], out_dir: str,
     fingerprint = _state_fingerprint(config, targets, n_items)
     state_root = os.path.join(out_dir, FIT_STATE_DIR)
     progress_state: Dict[str, Any] = {"epoch": 0, "epochs": [], "fingerprint": fingerprint}
-    latest = ckpt.latest_checkpoint(state_root) if os.path.isdir(state_root) else None
-    if latest is not None:
-        _, skeleton, tensors = ckpt.read_checkpoint(latest)
-        saved = ckpt.restore(None, ckpt.child(skeleton, "progress"), tensors, "/progress")
-        if saved.get("fingerprint") != fingerprint:
-            raise FileExistsError(f"{state_root} holds a fit with other settings or targets; "
-                                  "use another output directory or delete it")
-        params = dict(model.trainable_named_parameters())
-        for name, p in params.items():
-            key = f"/params/{name}"
-            if key not in tensors:
-                raise ValueError(f"{latest}: no tensor '{key}'")
-            with torch.no_grad():
-                p.copy_(tensors[key])
-        optimizer.load_state_dict(ckpt.restore(None, ckpt.child(skeleton, "optimizer"),
-                                               tensors, "/optimizer"))
+    saved = resume_fit_state(state_root, fingerprint, model, optimizer, "a fit", "targets")
+    if saved is not None:
         progress_state = saved
-        logger.info("resumed stage-1 fit from %s (epoch %d)", latest, saved["epoch"])
     else:
         progress_state["epochs"].append({"epoch": 0, **evaluate()})
 

@@ -35,7 +35,13 @@ import torch
 import torch.nn.functional as F
 
 from torchrec_mm.content.encoder import ContentEncoder, ContentEncoderConfig
-from torchrec_mm.idproxy.coarse import CoarseProxyModel, ProxyHead, _Encoded, _proxies_of
+from torchrec_mm.idproxy.coarse import (
+    CoarseProxyModel,
+    ProxyHead,
+    _Encoded,
+    _proxies_of,
+    resume_fit_state,
+)
 from torchrec_mm.training import checkpoint as ckpt
 from torchrec_mm.utils.io import save_tensors, write_json
 
@@ -132,13 +138,11 @@ def pair_recall(reps: torch.Tensor, a: np.ndarray, b: np.ndarray, candidates: np
     kmax = min(max(ks) + 1, len(candidates))
     _, nb = index.search(np.ascontiguousarray(x[a]), kmax)
     nb = candidates[nb]
-    nb = np.where(nb == a[:, None], -1, nb)  # drop the query item itself
-    out = {}
-    for k in ks:
-        top = np.stack([row[row >= 0][:k] if (row >= 0).sum() >= k else
-                        np.pad(row[row >= 0], (0, k - int((row >= 0).sum())), constant_values=-1)
-                        for row in nb]) if len(nb) else np.zeros((0, k), dtype=np.int64)
-        out[f"recall@{k}"] = float((top == b[:, None]).any(1).mean()) if len(b) else 0.0
+    valid = nb != a[:, None]  # drop the query item itself
+    rank = np.cumsum(valid, axis=1)  # 1-based rank among the other items
+    hit = valid & (nb == b[:, None])
+    out = {f"recall@{k}": float((hit & (rank <= k)).any(1).mean()) if len(b) else 0.0
+           for k in ks}
     out["chance@" + str(max(ks))] = min(max(ks), len(candidates) - 1) / max(len(candidates) - 1, 1)
     return out
 
@@ -255,18 +259,9 @@ def align_items(data_dir: str, out_dir: str, config: Optional[AlignConfig] = Non
     fingerprint = _fingerprint(config, a_all, b_all, n_items)
     state_root = os.path.join(out_dir, FIT_STATE_DIR)
     state: Dict[str, Any] = {"epoch": 0, "epochs": [], "fingerprint": fingerprint}
-    latest = ckpt.latest_checkpoint(state_root) if os.path.isdir(state_root) else None
-    if latest is not None:
-        _, skeleton, tensors = ckpt.read_checkpoint(latest)
-        saved = ckpt.restore(None, ckpt.child(skeleton, "progress"), tensors, "/progress")
-        if saved.get("fingerprint") != fingerprint:
-            raise FileExistsError(f"{state_root} holds an alignment with other settings or "
-                                  "pairs; use another output directory or delete it")
-        with torch.no_grad():
-            for name, p in model.trainable_named_parameters():
-                p.copy_(tensors[f"/params/{name}"])
-        optimizer.load_state_dict(ckpt.restore(None, ckpt.child(skeleton, "optimizer"),
-                                               tensors, "/optimizer"))
+    saved = resume_fit_state(state_root, fingerprint, model, optimizer, "an alignment",
+                             "pairs")
+    if saved is not None:
         state = saved
     else:
         # before alignment: the pre-trained pooled content representation itself
