@@ -17,7 +17,9 @@ the x2 embedding-lr reasoning of ``test_sharded_parity.py``; that test does not 
 because at its embedding lr 0.5 the ID-row updates move losses and scores by less than
 its tolerance. Here the embedding lr is large enough that the x2 reference is *refuted*
 — checked in the test — so the gradient semantics are really tested.) The frozen
-proxies are buffers and never move.
+proxy inputs (p_coarse and the layer-group states) are one embedding table,
+``t_idproxy_inputs``, sharded by the planner like the ID tables; their lookup is
+detached, so they never move.
 """
 
 import json
@@ -46,11 +48,14 @@ EMB_LR = 50.0  # large: ID-row updates must matter beyond the tolerance (see bel
 DENSE_LR = 0.1
 DIM = 8
 NUM_ITEMS = 200
+COLD_THRESHOLD = 15  # cold_only: about a third of the items take their proxy
 CASES = [
     ("target_attention", "table_wise", "augment"),
     ("target_attention", "row_wise", "swap"),
     ("dlrm", "table_wise", "augment"),
     ("dlrm", "row_wise", "swap"),
+    ("target_attention", "row_wise", "cold_only"),
+    ("dlrm", "table_wise", "cold_only"),
 ]
 # also trained through TrainPipelineSparseDist (swap feeds the EBC a filtered KJT, so
 # that EBC's input dist is not prefetched; training must still be the same)
@@ -64,9 +69,11 @@ def _write_inputs(out_dir: str) -> None:
     save_proxies(os.path.join(out_dir, "proxies"), Proxies(
         p_coarse=torch.nn.functional.normalize(torch.randn(NUM_ITEMS, DIM, generator=g), dim=1),
         z_groups=torch.randn(NUM_ITEMS, 3, 12, generator=g), has_content=has))
-    for mode in ("augment", "swap"):
-        spec = {"plugins": [{"name": "idproxy", "options": {
-            "proxies": os.path.join(out_dir, "proxies"), "mode": mode, "hidden_dim": 16}}]}
+    for mode in ("augment", "swap", "cold_only"):
+        options = {"proxies": os.path.join(out_dir, "proxies"), "mode": mode, "hidden_dim": 16}
+        if mode == "cold_only":
+            options["cold_threshold"] = COLD_THRESHOLD
+        spec = {"plugins": [{"name": "idproxy", "options": options}]}
         with open(os.path.join(out_dir, f"{mode}.yaml"), "w") as f:
             yaml.safe_dump(spec, f)
 
@@ -112,7 +119,7 @@ def _reference(kind: str, sharding: str, mode: str, out_dir: str, samples,
     fine = {n: p for n, p in model.named_parameters() if "source.fine." in n}
     assert fine, "the fine-proxy adaptor must be trained as a dense module"
     torch.manual_seed(cfg.seed)
-    untrained, _ = build_model(cfg, samples.layout)
+    untrained, _ = build_model(cfg, samples.layout, samples)
     fine_before = dict(untrained.named_parameters())
     assert any(not torch.equal(fine_before[n], p) for n, p in fine.items())
     return losses, final, initial
@@ -133,6 +140,8 @@ def test_two_rank_idproxy_matches_single_process(shared_dir, kind, sharding, mod
     samples = _samples()
     ref_loss, ref_score, initial = _reference(kind, sharding, mode, shared_dir, samples)
     assert sharding in got["plan"]
+    # the frozen proxy inputs are a table the planner shards, not replicated buffers
+    assert "t_idproxy_inputs" in got["plan"]
     # fbgemm's fused kernels sum in another order than nn.EmbeddingBag: float drift
     np.testing.assert_allclose(got["loss"], ref_loss, rtol=0, atol=1e-4)
     np.testing.assert_allclose(got["score"], ref_score, rtol=0, atol=5e-4)

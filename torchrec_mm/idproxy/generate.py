@@ -85,10 +85,13 @@ class ProxyGenerator:
             z_rank = int(weights["input_rank"])
             fine = FineProxy(proxies.p_coarse[:1], proxies.z_groups[:1], hidden, z_rank=z_rank,
                              z_mean=proxies.z_mean, z_basis=proxies.z_basis)
-            missing = set(dict(fine.named_parameters())) - set(weights)
+            # the trained adaptor only: the frozen input table (the run's catalogue) is
+            # not needed for new items, whose inputs come from their text
+            wanted = [k for k in fine.state_dict() if not k.startswith("inputs.")]
+            missing = sorted(set(wanted) - set(weights))
             if missing:
-                raise ValueError(f"{run}: fine-proxy weights lack {sorted(missing)}")
-            fine.load_state_dict({k: weights[k] for k in fine.state_dict()})
+                raise ValueError(f"{run}: fine-proxy weights lack {missing}")
+            fine.load_state_dict({k: weights[k] for k in wanted}, strict=False)
             fine.train(False)
         return cls(coarse, proxies, fine, batch_size)
 

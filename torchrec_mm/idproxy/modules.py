@@ -41,6 +41,12 @@ Modes (:class:`IDProxyConfig`):
     below a threshold, given as a ``cold`` mask), as at serving time; warm items keep
     their ID embedding.
 
+The frozen per-item inputs of the proxies (``p_coarse`` and the adaptor's layer-group
+states) live in one embedding table, ``t_idproxy_inputs`` (:class:`ProxyInputs`, an
+``EmbeddingCollection`` child), so ``DistributedModelParallel`` shards them with the
+planner like the ID tables rather than replicating them on every rank; each call looks
+up only the distinct items it needs, detached (frozen: no gradient, no optimizer state).
+
 Fallback for items without content (``has_content`` False): wherever the proxy would
 *replace* an ID embedding (``swap``, ``cold_only``), such an item keeps its ID
 embedding; in ``augment`` its proxy slots are zero (the ID slot carries it). A proxy
@@ -66,6 +72,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from torchrec_mm.utils import jagged
@@ -125,6 +132,70 @@ def _distinct_rows(ids: torch.Tensor, num_items: int) -> Tuple[torch.Tensor, tor
     return inverse, uniq
 
 
+INPUT_TABLE = "t_idproxy_inputs"
+INPUT_FEATURE = "idproxy_rows"
+
+
+@torch.fx.wrap
+def _take_rows(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``table[rows]``; the table itself (no copy) when ``rows`` covers it — by
+    :func:`_distinct_rows`' contract, then ``rows == arange(len(table))``."""
+    if rows.numel() == table.shape[0]:
+        return table
+    return table[rows]
+
+
+@torch.fx.wrap
+def _rows_kjt(rows: torch.Tensor) -> KeyedJaggedTensor:
+    """rows [u] -> a KJT of one sample holding them (the input table's lookup)."""
+    return KeyedJaggedTensor(keys=[INPUT_FEATURE], values=rows.long(),
+                             lengths=rows.new_full((1,), rows.numel(), dtype=torch.long))
+
+
+@torch.fx.wrap
+def _lookup_values(out: Dict[str, JaggedTensor]) -> torch.Tensor:
+    # detached: the table is frozen, and no gradient means no fused-optimizer update
+    return out[INPUT_FEATURE].values().detach()
+
+
+class ProxyInputs(nn.Module):
+    """Frozen per-item vectors as one embedding table, so that
+    ``DistributedModelParallel`` shards them with the planner (table ``t_idproxy_inputs``,
+    an ``EmbeddingCollection`` child) instead of replicating them on every rank.
+
+    Args:
+        columns: [N, c] the vectors (copied; columns padded to a multiple of 4 for FBGEMM).
+
+    ``forward(rows [u]) -> [u, c]``, detached: the table is frozen — its weight does not
+    require grad (no optimizer state) and no gradient reaches a sharded lookup (no
+    fused-optimizer update).
+    """
+
+    def __init__(self, columns: torch.Tensor, device: Optional[torch.device] = None) -> None:
+        super().__init__()
+        n, c = columns.shape
+        self.columns = int(c)
+        # the table's random init is overwritten: do not consume the global RNG (the
+        # rest of a seeded model initialises as it would without the table)
+        with torch.random.fork_rng(devices=[]):
+            self.table = EmbeddingCollection(tables=[EmbeddingConfig(
+                name=INPUT_TABLE, embedding_dim=-(-c // 4) * 4, num_embeddings=n,
+                feature_names=[INPUT_FEATURE])], device=device)
+        weight = self.table.embeddings[INPUT_TABLE].weight
+        with torch.no_grad():
+            weight.zero_()
+            weight[:, :c].copy_(columns)
+        weight.requires_grad_(False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """[N, c] (unsharded module only)."""
+        return self.table.embeddings[INPUT_TABLE].weight[:, :self.columns]
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        return _lookup_values(self.table(_rows_kjt(rows)))[:, :self.columns]
+
+
 class FineProxy(nn.Module):
     """Stage-2 fine proxy over frozen stage-1 outputs.
 
@@ -156,6 +227,7 @@ class FineProxy(nn.Module):
             raise ValueError(f"z_rank must be >= 0, got {z_rank}")
         n, d = p_coarse.shape
         _, g, dc = z_groups.shape
+        self._num_items = n
         z = z_groups.detach().float()
         if z_rank > 0:
             if z_basis is None or z_basis.shape[2] < min(z_rank, dc):
@@ -169,9 +241,11 @@ class FineProxy(nn.Module):
         # in the state dict so that a trained adaptor says which inputs it reads
         self.register_buffer("input_rank", torch.tensor(self.z_rank, dtype=torch.long,
                                                         device=device))
-        self.register_buffer("p_coarse", p_coarse.detach().float().to(device), persistent=False)
-        self.register_buffer("z_in", z.flatten(1).contiguous().to(device), persistent=False)
-        self.adaptor = nn.Sequential(nn.Linear(self.z_in.shape[1], hidden_dim, device=device),
+        self.dim = d
+        self.z_width = int(z.shape[1] * z.shape[2])
+        self.inputs = ProxyInputs(torch.cat([p_coarse.detach().float(), z.flatten(1)], dim=1),
+                                  device=device)
+        self.adaptor = nn.Sequential(nn.Linear(self.z_width, hidden_dim, device=device),
                                      nn.ReLU(), nn.Linear(hidden_dim, d, device=device))
         self.gate = nn.Linear(2 * d, d, device=device)
         self.coarse_map = nn.Linear(d, d, bias=False, device=device)
@@ -185,12 +259,27 @@ class FineProxy(nn.Module):
 
     @property
     def num_items(self) -> int:
-        return int(self.p_coarse.shape[0])
+        return int(self._num_items)
+
+    @property
+    def p_coarse(self) -> torch.Tensor:
+        """[N, d] the frozen coarse proxies (unsharded module only)."""
+        return self.inputs.weight[:, :self.dim]
+
+    @property
+    def z_in(self) -> torch.Tensor:
+        """[N, G*r] the adaptor's frozen inputs (unsharded module only)."""
+        return self.inputs.weight[:, self.dim:self.dim + self.z_width]
+
+    def lookup(self, rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """rows [u] item ids -> (p_coarse [u, d], z [u, G*r]), detached."""
+        values = self.inputs(rows)
+        return values[:, :self.dim], values[:, self.dim:self.dim + self.z_width]
 
     def compute(self, rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """rows [u] item ids -> (p_coarse, p_fine) [u, d]."""
-        pc = self.p_coarse[rows]
-        return pc, self._fine(pc, self.z_in[rows])
+        pc, z = self.lookup(rows)
+        return pc, self._fine(pc, z)
 
     def _fine(self, pc: torch.Tensor, z_in: torch.Tensor) -> torch.Tensor:
         raw = self.adaptor(z_in)
@@ -203,9 +292,9 @@ class FineProxy(nn.Module):
         z = z_groups.float()
         if self.z_rank:
             z = torch.einsum("ngd,gdr->ngr", z - self.z_mean, self.z_basis)
-        if z.flatten(1).shape[1] != self.z_in.shape[1]:
+        if z.flatten(1).shape[1] != self.z_width:
             raise ValueError(f"states of shape {tuple(z_groups.shape)} do not fit the adaptor "
-                             f"(input width {self.z_in.shape[1]})")
+                             f"(input width {self.z_width})")
         return self._fine(p_coarse.float(), z.flatten(1))
 
     def proxies(self, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -342,14 +431,15 @@ class _ProxySource(nn.Module):
             use_proxy = torch.zeros(n, dtype=torch.bool)
         self.register_buffer("use_proxy", use_proxy, persistent=False)
         self.register_buffer("content_mask", has_content.float().unsqueeze(1), persistent=False)
+        # every item has content: the proxies need no masking (a constant under fx)
+        self._all_content = bool(has_content.all())
         self.fine: Optional[FineProxy] = None
         if config.use_fine:
             self.fine = FineProxy(proxies.p_coarse, proxies.z_groups, config.hidden_dim,
                                   z_rank=config.z_rank, z_mean=proxies.z_mean,
                                   z_basis=proxies.z_basis)
         else:
-            self.register_buffer("p_coarse", proxies.p_coarse.float() * self.content_mask,
-                                 persistent=False)
+            self.coarse = ProxyInputs(proxies.p_coarse.float() * self.content_mask)
 
     def num_items(self) -> int:
         return self._num_items
@@ -364,10 +454,13 @@ class _ProxySource(nn.Module):
         ``concat(p_coarse, p_fine)`` (or ``p_coarse``) of item ``ids[i]``, zero for
         items without content."""
         if self.fine is None:
-            return ids, self.p_coarse
+            index, rows = _distinct_rows(ids, self._num_items)
+            return index, self.coarse(rows)
         index, rows, pc, pf = self.fine.rows(ids)
-        mask = self.content_mask[rows]
-        return index, torch.cat([pc, pf], dim=1) * mask
+        table = torch.cat([pc, pf], dim=1)
+        if self._all_content:
+            return index, table
+        return index, table * _take_rows(self.content_mask, rows)
 
     def proxy_rows(self, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """ids [n] → (index [n], table [u, d]) of the proxy that *replaces* an ID
