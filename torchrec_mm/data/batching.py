@@ -57,6 +57,8 @@ class Batch(Pipelineable):
         sparse_features: KJT with the keys listed in the module docstring.
         labels: [B] float32 click labels.
         user_ids / item_ids: [B] int64, for per-user metrics and slices.
+        task_labels: [B, T] float32 labels of a multi-task ranker (column 0 = the click),
+            when the samples have tasks (:meth:`RankingSamples.set_tasks`), else None.
     """
 
     dense_features: torch.Tensor
@@ -64,6 +66,7 @@ class Batch(Pipelineable):
     labels: torch.Tensor
     user_ids: torch.Tensor
     item_ids: torch.Tensor
+    task_labels: Optional[torch.Tensor] = None
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
         return Batch(
@@ -72,6 +75,8 @@ class Batch(Pipelineable):
             labels=self.labels.to(device=device, non_blocking=non_blocking),
             user_ids=self.user_ids.to(device=device, non_blocking=non_blocking),
             item_ids=self.item_ids.to(device=device, non_blocking=non_blocking),
+            task_labels=None if self.task_labels is None else self.task_labels.to(
+                device=device, non_blocking=non_blocking),
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
@@ -80,6 +85,8 @@ class Batch(Pipelineable):
         self.labels.record_stream(stream)
         self.user_ids.record_stream(stream)
         self.item_ids.record_stream(stream)
+        if self.task_labels is not None:
+            self.task_labels.record_stream(stream)
 
     def pin_memory(self) -> "Batch":
         return Batch(
@@ -88,6 +95,7 @@ class Batch(Pipelineable):
             labels=self.labels.pin_memory(),
             user_ids=self.user_ids.pin_memory(),
             item_ids=self.item_ids.pin_memory(),
+            task_labels=None if self.task_labels is None else self.task_labels.pin_memory(),
         )
 
     @property
@@ -141,10 +149,13 @@ class RankingSamples:
 
     Args:
         columns: ``user_id, item_id, scenario (int index), timestamp, label`` arrays of
-            equal length N (see ``torchrec_mm.data.io.load_interaction_columns``).
+            equal length N (see ``torchrec_mm.data.io.load_interaction_columns``), and
+            optionally ``actions`` (the action bit masks, for multi-task labels).
         split: [N] int8 split of each interaction (SPLIT_TRAIN/TEST_WARM/TEST_COLD).
         user_attr_values: ``{"attr_<name>": [num_users] int64}``.
         layout: the feature layout (history length etc.).
+        action_names: names of the action bits (``meta.actions``).
+        source: where the columns come from, for error messages.
     """
 
     def __init__(
@@ -153,6 +164,8 @@ class RankingSamples:
         split: np.ndarray,
         user_attr_values: Dict[str, np.ndarray],
         layout: FeatureLayout,
+        action_names: Optional[List[str]] = None,
+        source: str = "<columns>",
     ) -> None:
         order = np.lexsort((columns["timestamp"], columns["user_id"]))
         self.user = columns["user_id"][order].astype(np.int64)
@@ -161,6 +174,13 @@ class RankingSamples:
         self.timestamp = columns["timestamp"][order].astype(np.int64)
         self.label = columns["label"][order].astype(np.float32)
         self.split = split[order].astype(np.int8)
+        self.actions = (columns["actions"][order].astype(np.int64) if "actions" in columns
+                        else None)
+        self.action_names = list(action_names or [])
+        self.source = source
+        #: extra task labels of :meth:`make_batch` (see :meth:`set_tasks`): action bits
+        self.task_bits: List[int] = []
+        self.task_names: List[str] = []
         self.layout = layout
         #: applied in order to every batch :meth:`make_batch` builds (plugins' feature
         #: transforms, e.g. QARM's code features; see ``RankerPlugin.batch_transform``)
@@ -188,6 +208,32 @@ class RankingSamples:
     def __len__(self) -> int:
         return int(self.user.shape[0])
 
+    def set_tasks(self, tasks: List[str]) -> None:
+        """Makes :meth:`make_batch` add ``task_labels`` [B, 1 + len(tasks)]: the click
+        label, then the action bits named ``tasks`` (names of ``meta.actions``)."""
+        tasks = list(tasks)
+        if not tasks:
+            self.task_bits, self.task_names = [], []
+            return
+        if self.actions is None:
+            raise ValueError(f"{self.source}: tasks {tasks} need the interactions' "
+                             "'actions' column, which these samples were built without")
+        unknown = [t for t in tasks if t not in self.action_names]
+        if unknown:
+            raise ValueError(f"{self.source}: unknown task(s) {unknown}; the dataset's "
+                             f"actions (meta.json 'actions') are {self.action_names}")
+        self.task_bits = [self.action_names.index(t) for t in tasks]
+        self.task_names = tasks
+
+    def task_labels(self, rows: np.ndarray) -> np.ndarray:
+        """[len(rows), 1 + len(tasks)] float32: click label, then each task's bit."""
+        rows = np.asarray(rows, dtype=np.int64)
+        cols = [self.label[rows]]
+        if self.task_bits:
+            acts = self.actions[rows]
+            cols += [((acts >> b) & 1).astype(np.float32) for b in self.task_bits]
+        return np.stack(cols, axis=1).astype(np.float32)
+
     @staticmethod
     def from_dataset(data_dir: str, history_length: int = 50) -> "RankingSamples":
         """Builds the index from a dataset directory with a ``split.json``."""
@@ -196,7 +242,7 @@ class RankingSamples:
 
         meta = DatasetMeta.load(data_dir)
         cols = load_interaction_columns(
-            data_dir, ["user_id", "item_id", "scenario", "timestamp", "label"])
+            data_dir, ["user_id", "item_id", "scenario", "timestamp", "label", "actions"])
         split = load_split(data_dir).assign(cols["item_id"], cols["timestamp"])
         users = load_users(data_dir)
         attr_values = {}
@@ -205,7 +251,8 @@ class RankingSamples:
             values[users.column("user_id").to_numpy()] = users.column(name).to_numpy()
             attr_values[name] = values
         layout = FeatureLayout.from_meta(meta, history_length)
-        return RankingSamples(cols, split, attr_values, layout)
+        return RankingSamples(cols, split, attr_values, layout, action_names=meta.actions,
+                              source=data_dir)
 
     def rows(self, split: str) -> np.ndarray:
         """Row indices of one split (``train``, ``test_warm``, ``test_cold``, ``test``)."""
@@ -259,6 +306,8 @@ class RankingSamples:
             labels=torch.from_numpy(self.label[rows].copy()),
             user_ids=torch.from_numpy(users.copy()),
             item_ids=torch.from_numpy(self.item[rows].copy()),
+            task_labels=(torch.from_numpy(self.task_labels(rows)) if self.task_bits
+                         else None),
         )
         for transform in self.batch_transforms:
             batch = transform(batch)

@@ -51,6 +51,12 @@ class RankerConfig:
         over_arch_layer_sizes: top MLP; for DLRM it must end with 1.
         dcn_num_layers / dcn_low_rank_dim: DLRM_DCN cross net.
         use_user_id: include a ``user_id`` table (off for strongly cold-user data).
+        tasks: extra prediction tasks besides the click (task 0), as action names of
+            the dataset (``meta.actions``, e.g. ``[is_like]``); non-empty: the over-arch
+            becomes a multi-gate mixture-of-experts head with one logit per task
+            (``torchrec_mm.models.multitask``, QARM's multi-task MoE output).
+        num_experts: experts of that head.
+        task_weights: loss weight of each task, click first (default all 1).
     """
 
     kind: str = "target_attention"
@@ -60,11 +66,29 @@ class RankerConfig:
     dcn_num_layers: int = 2
     dcn_low_rank_dim: int = 8
     use_user_id: bool = True
+    tasks: List[str] = field(default_factory=list)
+    num_experts: int = 4
+    task_weights: List[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.kind not in RANKER_KINDS:
             raise ValueError(f"unknown ranker kind '{self.kind}', expected one of "
                              f"{RANKER_KINDS}")
+        self.tasks = [str(t) for t in self.tasks]
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"ranker tasks must be distinct, got {self.tasks}")
+        if self.num_experts < 1:
+            raise ValueError(f"ranker num_experts must be >= 1, got {self.num_experts}")
+        if self.task_weights and len(self.task_weights) != self.num_tasks:
+            raise ValueError(f"ranker task_weights needs {self.num_tasks} weights (click + "
+                             f"{self.tasks}), got {self.task_weights}")
+        if any(not w >= 0 for w in self.task_weights):
+            raise ValueError(f"ranker task_weights must be >= 0, got {self.task_weights}")
+
+    @property
+    def num_tasks(self) -> int:
+        """1 (the click) + the extra tasks."""
+        return 1 + len(self.tasks)
 
     @staticmethod
     def from_dict(d: Dict[str, Any]) -> "RankerConfig":
@@ -170,7 +194,7 @@ def build_ranker(
         from torchrec_mm.models.target_attention import TargetAttentionRanker
 
         ec = collections.ec
-        return TargetAttentionRanker(
+        ranker = TargetAttentionRanker(
             embedding_bag_collection=ebc,
             embedding_collection=ec,
             dense_in_features=layout.num_dense,
@@ -179,32 +203,67 @@ def build_ranker(
             max_history=layout.history_length,
             device=device,
         )
+        return _with_tasks(ranker, config, config.over_arch_layer_sizes[:-1] or [D])
     dense_sizes = list(config.dense_arch_layer_sizes[:-1]) + [D]
     over_sizes = list(config.over_arch_layer_sizes)
     if over_sizes[-1] != 1:
         over_sizes.append(1)
     if config.kind == "dlrm":
-        return DLRM(embedding_bag_collection=ebc, dense_in_features=layout.num_dense,
-                    dense_arch_layer_sizes=dense_sizes, over_arch_layer_sizes=over_sizes,
-                    dense_device=device)
-    return DLRM_DCN(embedding_bag_collection=ebc, dense_in_features=layout.num_dense,
-                    dense_arch_layer_sizes=dense_sizes, over_arch_layer_sizes=over_sizes,
-                    dcn_num_layers=config.dcn_num_layers,
-                    dcn_low_rank_dim=config.dcn_low_rank_dim, dense_device=device)
+        ranker = DLRM(embedding_bag_collection=ebc, dense_in_features=layout.num_dense,
+                      dense_arch_layer_sizes=dense_sizes, over_arch_layer_sizes=over_sizes,
+                      dense_device=device)
+    else:
+        ranker = DLRM_DCN(embedding_bag_collection=ebc, dense_in_features=layout.num_dense,
+                          dense_arch_layer_sizes=dense_sizes,
+                          over_arch_layer_sizes=over_sizes,
+                          dcn_num_layers=config.dcn_num_layers,
+                          dcn_low_rank_dim=config.dcn_low_rank_dim, dense_device=device)
+    return _with_tasks(ranker, config, over_sizes[:-1] or [D])
+
+
+def _with_tasks(ranker: nn.Module, config: RankerConfig, expert_sizes: List[int]
+                ) -> nn.Module:
+    if not config.tasks:
+        return ranker
+    from torchrec_mm.models.multitask import install_multitask_head
+
+    return install_multitask_head(ranker, list(expert_sizes), config.num_tasks,
+                                  config.num_experts)
 
 
 class RankerTrain(nn.Module):
     """Loss wrapper (``DLRMTrain``'s contract for our :class:`Batch`).
 
     ``forward(batch) -> (loss, (loss, logits [B], labels [B]))`` with BCE-with-logits.
+    A multi-task ranker (``RankerConfig.tasks``) returns logits [B, T] and reads
+    ``batch.task_labels`` [B, T]; its loss is ``sum_t w_t BCE(logits[:, t], labels[:, t])``.
+
+    Args:
+        model: the ranker, ``forward(dense, kjt) -> [B, 1]`` or ``[B, T]``.
+        task_weights: [T] loss weights (default all 1).
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, task_weights: Optional[List[float]] = None) -> None:
         super().__init__()
         self.model = model
         self.loss_fn = nn.BCEWithLogitsLoss()
+        self.task_weights = [float(w) for w in task_weights] if task_weights else None
 
     def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
-        logits = self.model(batch.dense_features, batch.sparse_features).squeeze(-1)
-        loss = self.loss_fn(logits, batch.labels)
+        logits = self.model(batch.dense_features, batch.sparse_features)
+        if logits.shape[-1] == 1:
+            logits = logits.squeeze(-1)
+            loss = self.loss_fn(logits, batch.labels)
+        else:
+            labels = batch.task_labels
+            if labels is None or labels.shape != logits.shape:
+                raise ValueError(
+                    f"multi-task ranker ({logits.shape[-1]} tasks) needs batch.task_labels of "
+                    f"shape {tuple(logits.shape)}, got "
+                    f"{None if labels is None else tuple(labels.shape)} (set the tasks on the "
+                    "samples: RankingSamples.set_tasks)")
+            per_task = nn.functional.binary_cross_entropy_with_logits(
+                logits, labels, reduction="none").mean(dim=0)
+            w = self.task_weights or [1.0] * logits.shape[-1]
+            loss = (per_task * per_task.new_tensor(w)).sum()
         return loss, (loss.detach(), logits.detach(), batch.labels.detach())

@@ -102,14 +102,10 @@ class _CodeTransform:
                             dataclasses.replace(cfg, use_rq=False, user_len=0, levels=0)]
 
     def __call__(self, batch: Any) -> Any:
-        from torchrec_mm.data.batching import Batch
-
         kjt = batch.sparse_features
         extra = [code_feature_kjt(kjt, self.rq, self.vq if c.use_vq else None, c)
                  for c in self.configs]
-        return Batch(dense_features=batch.dense_features,
-                     sparse_features=KeyedJaggedTensor.concat([kjt] + extra),
-                     labels=batch.labels, user_ids=batch.user_ids, item_ids=batch.item_ids)
+        return dataclasses.replace(batch, sparse_features=KeyedJaggedTensor.concat([kjt] + extra))
 
 
 @register_plugin("qarm")

@@ -16,6 +16,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML TrainConfig; flags given here override it")
     p.add_argument("--ranker", choices=RANKER_KINDS, help="ranker kind")
     p.add_argument("--embedding-dim", type=int)
+    p.add_argument("--tasks", help="extra tasks besides the click, comma-separated action "
+                   "names of the dataset (e.g. is_like): a multi-task MMoE head")
     p.add_argument("--plugins", help="plugin spec (YAML) applied to the ranker")
     p.add_argument("--world-size", type=int, help="ranks to spawn (ignored under torchrun)")
     p.add_argument("--sharding-type", choices=SHARDING_TYPES,
@@ -66,6 +68,8 @@ def config_from_args(args: argparse.Namespace):
         ranker["kind"] = args.ranker
     if args.embedding_dim:
         ranker["embedding_dim"] = args.embedding_dim
+    if args.tasks:
+        ranker["tasks"] = [t for t in args.tasks.split(",") if t]
     cfg.ranker = RankerConfig.from_dict(ranker)
     return cfg
 

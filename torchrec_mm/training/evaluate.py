@@ -11,6 +11,9 @@ Slices (each a set of test samples):
   (timestamp minus the item's first appearance in the log; the IDProxy paper's "new
   notes" view).
 
+A multi-task ranker (``RankerConfig.tasks``) is scored on its click column everywhere;
+each extra task adds ``<task>:test``, ``<task>:warm``, ``<task>:cold``.
+
 Metrics per slice: AUC, UAUC, GAUC (``torchrec_mm.metrics.ranking``), log-loss, CTR and
 counts.
 """
@@ -80,9 +83,15 @@ def predict(model: nn.Module, samples: RankingSamples, rows: np.ndarray, batch_s
     keep = pos >= 0
     order = torch.argsort(pos[keep])
     model.train(was_training)
-    return {"score": scores[keep][order].numpy(), "label": samples.label[rows],
-            "user_id": samples.user[rows], "item_id": samples.item[rows],
-            "split": samples.split[rows], "row": rows}
+    scores = scores[keep][order].numpy()
+    out = {"score": scores, "label": samples.label[rows],
+           "user_id": samples.user[rows], "item_id": samples.item[rows],
+           "split": samples.split[rows], "row": rows}
+    if scores.ndim == 2:  # multi-task ranker: column 0 is the click
+        out["score"] = scores[:, 0]
+        out["task_score"] = scores
+        out["task_label"] = samples.task_labels(rows)
+    return out
 
 
 def training_item_counts(samples: RankingSamples) -> np.ndarray:
@@ -126,6 +135,14 @@ def slice_metrics(samples: RankingSamples, pred: Dict[str, np.ndarray],
         k = int(m.sum())
         out[name]["logloss"] = float(ll[m].mean()) if k else float("nan")
         out[name]["ctr"] = float(labels[m].mean()) if k else float("nan")
+    if "task_score" in pred:
+        # the extra tasks of a multi-task ranker on the main slices: "<task>:<slice>"
+        for t, task in enumerate(samples.task_names, start=1):
+            task_masks = {f"{task}:{k}": masks[k] for k in ("test", "warm", "cold")}
+            out.update(sliced_ranking_metrics(
+                torch.from_numpy(pred["task_score"][:, t]).double(),
+                torch.from_numpy(pred["task_label"][:, t]).double(), users, task_masks,
+                include_all=False))
     return out
 
 

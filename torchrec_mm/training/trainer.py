@@ -169,13 +169,14 @@ def build_model(cfg: TrainConfig, layout: FeatureLayout,
                             extras={} if samples is None else {"samples": samples})
     plugins = spec.instantiate()
     if samples is not None:
+        samples.set_tasks(ranker_cfg.tasks)
         install_batch_transforms(plugins, samples, context)
     tables = apply_plugins(table_configs(layout, ranker_cfg), spec, context, plugins)
     collections = apply_plugins(build_collections(layout, ranker_cfg, tables), spec,
                                 context, plugins)
     model = apply_plugins(build_ranker(layout, ranker_cfg, collections=collections), spec,
                           context, plugins)
-    return RankerTrain(model), plugins
+    return RankerTrain(model, ranker_cfg.task_weights or None), plugins
 
 
 def shard_model(model: nn.Module, cfg: TrainConfig, ctx: DistContext,
