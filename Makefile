@@ -8,7 +8,7 @@ OUT ?= out/demo
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench clean system-deps
 
 install: $(STAMP)
 
@@ -24,8 +24,15 @@ $(STAMP): requirements/cpu.txt setup.cfg pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/torchrec-mm demo --out $(OUT)
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(PY) -m pytest -q
+
+# Debian's redis-server for the online item-store tests (torchrec_mm/serving; the tests
+# start their own server on a free port and skip with a reason when it is absent)
+system-deps:
+	@command -v redis-server >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq redis-server; \
+	  else echo "redis-server not found (apt-get install redis-server): Redis store tests will be skipped"; fi; }
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
