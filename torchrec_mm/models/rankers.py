@@ -240,30 +240,41 @@ class RankerTrain(nn.Module):
 
     Args:
         model: the ranker, ``forward(dense, kjt) -> [B, 1]`` or ``[B, T]``.
+        num_tasks: T (``RankerConfig.num_tasks``; fixed here, so the forward has no
+            data-dependent branch and fx-traces for ``TrainPipelineSparseDist``).
         task_weights: [T] loss weights (default all 1).
     """
 
-    def __init__(self, model: nn.Module, task_weights: Optional[List[float]] = None) -> None:
+    def __init__(self, model: nn.Module, num_tasks: int = 1,
+                 task_weights: Optional[List[float]] = None) -> None:
         super().__init__()
         self.model = model
         self.loss_fn = nn.BCEWithLogitsLoss()
-        self.task_weights = [float(w) for w in task_weights] if task_weights else None
+        self.num_tasks = int(num_tasks)
+        w = [float(x) for x in task_weights] if task_weights else [1.0] * self.num_tasks
+        if len(w) != self.num_tasks:
+            raise ValueError(f"RankerTrain: {len(w)} task weights for {self.num_tasks} tasks")
+        self.register_buffer("task_weights", torch.tensor(w), persistent=False)
 
     def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
         logits = self.model(batch.dense_features, batch.sparse_features)
-        if logits.shape[-1] == 1:
+        if self.num_tasks == 1:
             logits = logits.squeeze(-1)
             loss = self.loss_fn(logits, batch.labels)
         else:
-            labels = batch.task_labels
-            if labels is None or labels.shape != logits.shape:
-                raise ValueError(
-                    f"multi-task ranker ({logits.shape[-1]} tasks) needs batch.task_labels of "
-                    f"shape {tuple(logits.shape)}, got "
-                    f"{None if labels is None else tuple(labels.shape)} (set the tasks on the "
-                    "samples: RankingSamples.set_tasks)")
+            labels = _task_labels(batch, self.num_tasks)
             per_task = nn.functional.binary_cross_entropy_with_logits(
                 logits, labels, reduction="none").mean(dim=0)
-            w = self.task_weights or [1.0] * logits.shape[-1]
-            loss = (per_task * per_task.new_tensor(w)).sum()
+            loss = (per_task * self.task_weights).sum()
         return loss, (loss.detach(), logits.detach(), batch.labels.detach())
+
+
+@torch.fx.wrap
+def _task_labels(batch: Batch, num_tasks: int) -> torch.Tensor:
+    labels = batch.task_labels
+    if labels is None or labels.dim() != 2 or labels.shape[1] != num_tasks:
+        raise ValueError(
+            f"multi-task ranker ({num_tasks} tasks) needs batch.task_labels [B, {num_tasks}], "
+            f"got {None if labels is None else tuple(labels.shape)} (set the tasks on the "
+            "samples: RankingSamples.set_tasks)")
+    return labels

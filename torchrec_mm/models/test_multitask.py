@@ -47,7 +47,7 @@ def samples():
 def test_every_ranker_gets_one_logit_per_task_and_the_weighted_loss(samples, kind):
     torch.manual_seed(0)
     cfg = RankerConfig(kind=kind, tasks=["is_like"], num_experts=3, task_weights=[1.0, 0.5])
-    model = RankerTrain(build_ranker(samples.layout, cfg), cfg.task_weights)
+    model = RankerTrain(build_ranker(samples.layout, cfg), cfg.num_tasks, cfg.task_weights)
     samples.set_tasks(cfg.tasks)
     try:
         rows = samples.rows("train")[:64]
@@ -77,7 +77,7 @@ def test_task_errors(samples):
     with pytest.raises(ValueError, match="task_weights needs 2"):
         RankerConfig(tasks=["is_like"], task_weights=[1.0])
     model = RankerTrain(build_ranker(samples.layout, RankerConfig(kind="dlrm",
-                                                                  tasks=["is_like"])))
+                                                                  tasks=["is_like"])), 2)
     with pytest.raises(ValueError, match="needs batch.task_labels"):
         model(samples.make_batch(samples.rows("train")[:8]))
 

@@ -176,7 +176,7 @@ def build_model(cfg: TrainConfig, layout: FeatureLayout,
                                 context, plugins)
     model = apply_plugins(build_ranker(layout, ranker_cfg, collections=collections), spec,
                           context, plugins)
-    return RankerTrain(model, ranker_cfg.task_weights or None), plugins
+    return RankerTrain(model, ranker_cfg.num_tasks, ranker_cfg.task_weights or None), plugins
 
 
 def shard_model(model: nn.Module, cfg: TrainConfig, ctx: DistContext,
