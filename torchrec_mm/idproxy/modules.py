@@ -101,6 +101,9 @@ class IDProxyConfig:
             see :class:`FineProxy`).
         fallback: what an item without content gets where a proxy would replace its ID
             embedding; only ``id_embedding`` (keep the ID embedding) is supported.
+        store: read the proxies' inputs from this online item store at every call
+            (:class:`StoreInputs`) instead of the artefact's table; an item not in the
+            store has no content (the fallback). ``store_version``: only its records.
     """
 
     mode: str = "augment"
@@ -111,6 +114,8 @@ class IDProxyConfig:
     hidden_dim: int = 64
     z_rank: int = 32
     fallback: str = "id_embedding"
+    store: Optional[str] = None
+    store_version: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -137,15 +142,6 @@ INPUT_FEATURE = "idproxy_rows"
 
 
 @torch.fx.wrap
-def _take_rows(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``table[rows]``; the table itself (no copy) when ``rows`` covers it — by
-    :func:`_distinct_rows`' contract, then ``rows == arange(len(table))``."""
-    if rows.numel() == table.shape[0]:
-        return table
-    return table[rows]
-
-
-@torch.fx.wrap
 def _rows_kjt(rows: torch.Tensor) -> KeyedJaggedTensor:
     """rows [u] -> a KJT of one sample holding them (the input table's lookup)."""
     return KeyedJaggedTensor(keys=[INPUT_FEATURE], values=rows.long(),
@@ -165,13 +161,16 @@ class ProxyInputs(nn.Module):
 
     Args:
         columns: [N, c] the vectors (copied; columns padded to a multiple of 4 for FBGEMM).
+        present: [N] bool, items that have content (default all); stored as one more
+            column of the table, so it is sharded with the vectors.
 
-    ``forward(rows [u]) -> [u, c]``, detached: the table is frozen — its weight does not
-    require grad (no optimizer state) and no gradient reaches a sharded lookup (no
-    fused-optimizer update).
+    ``forward(rows [u]) -> (values [u, c], present [u] bool)``, detached: the table is
+    frozen — its weight does not require grad (no optimizer state) and no gradient
+    reaches a sharded lookup (no fused-optimizer update).
     """
 
-    def __init__(self, columns: torch.Tensor, device: Optional[torch.device] = None) -> None:
+    def __init__(self, columns: torch.Tensor, present: Optional[torch.Tensor] = None,
+                 device: Optional[torch.device] = None) -> None:
         super().__init__()
         n, c = columns.shape
         self.columns = int(c)
@@ -179,12 +178,13 @@ class ProxyInputs(nn.Module):
         # rest of a seeded model initialises as it would without the table)
         with torch.random.fork_rng(devices=[]):
             self.table = EmbeddingCollection(tables=[EmbeddingConfig(
-                name=INPUT_TABLE, embedding_dim=-(-c // 4) * 4, num_embeddings=n,
+                name=INPUT_TABLE, embedding_dim=-(-(c + 1) // 4) * 4, num_embeddings=n,
                 feature_names=[INPUT_FEATURE])], device=device)
         weight = self.table.embeddings[INPUT_TABLE].weight
         with torch.no_grad():
             weight.zero_()
             weight[:, :c].copy_(columns)
+            weight[:, c] = 1.0 if present is None else present.to(weight.dtype)
         weight.requires_grad_(False)
 
     @property
@@ -192,8 +192,57 @@ class ProxyInputs(nn.Module):
         """[N, c] (unsharded module only)."""
         return self.table.embeddings[INPUT_TABLE].weight[:, :self.columns]
 
-    def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        return _lookup_values(self.table(_rows_kjt(rows)))[:, :self.columns]
+    def forward(self, rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        values = _lookup_values(self.table(_rows_kjt(rows)))
+        return values[:, :self.columns], values[:, self.columns] > 0.5
+
+
+@torch.fx.wrap
+def _store_get(inputs: "StoreInputs", rows: torch.Tensor
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
+    return inputs.get(rows)
+
+
+class StoreInputs(nn.Module):
+    """The same frozen per-item vectors read from an online item store
+    (``torchrec_mm.serving``, records of ``serving.fields.idproxy_schema``) at every call
+    instead of a table: a new item written by ``torchrec-mm serve-items`` is served at
+    once, and no rank holds the catalogue (each reads the rows its batch needs).
+
+    Args:
+        location: store location (``ItemStore.open``: a directory = embedded mmap store,
+            ``redis://host:port/db?namespace=NS``, ``*.db`` = SQLite).
+        dim / z_width: d and G*r (checked against the store's schema).
+        fields: the store fields concatenated into the values (``p_coarse`` then ``z``,
+            or ``p_coarse`` only).
+        version: only records of this version count as present (None: any).
+
+    ``forward(rows [u]) -> (values [u, c], present [u] bool)``; items missing from the
+    store are not present (zeros), and the modules use their fallback for them.
+    """
+
+    def __init__(self, location: str, dim: int, z_width: int,
+                 fields: Tuple[str, ...] = ("p_coarse", "z"),
+                 version: Optional[str] = None) -> None:
+        super().__init__()
+        from torchrec_mm.serving.fields import idproxy_schema
+        from torchrec_mm.serving.store import ItemStore
+
+        self.location = location
+        self.fields = list(fields)
+        self.version = version
+        self.store = ItemStore.open(location, idproxy_schema(dim, z_width), create=False,
+                                    readonly=True)
+        self.columns = dim + (z_width if "z" in self.fields else 0)
+
+    def get(self, rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        values, found = self.store.get(rows.detach().cpu(), self.fields, version=self.version)
+        out = torch.cat([values[f] for f in self.fields], dim=1) if len(self.fields) > 1 \
+            else values[self.fields[0]]
+        return out.to(rows.device), found.to(rows.device)
+
+    def forward(self, rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return _store_get(self, rows)
 
 
 class FineProxy(nn.Module):
@@ -218,7 +267,9 @@ class FineProxy(nn.Module):
     def __init__(self, p_coarse: torch.Tensor, z_groups: torch.Tensor, hidden_dim: int = 64,
                  device: Optional[torch.device] = None, z_rank: int = 0,
                  z_mean: Optional[torch.Tensor] = None,
-                 z_basis: Optional[torch.Tensor] = None) -> None:
+                 z_basis: Optional[torch.Tensor] = None,
+                 has_content: Optional[torch.Tensor] = None,
+                 store: Optional[str] = None, store_version: Optional[str] = None) -> None:
         super().__init__()
         if p_coarse.dim() != 2 or z_groups.dim() != 3 or p_coarse.shape[0] != z_groups.shape[0]:
             raise ValueError("FineProxy needs p_coarse [N, d] and z_groups [N, G, D] with the "
@@ -243,8 +294,11 @@ class FineProxy(nn.Module):
                                                         device=device))
         self.dim = d
         self.z_width = int(z.shape[1] * z.shape[2])
-        self.inputs = ProxyInputs(torch.cat([p_coarse.detach().float(), z.flatten(1)], dim=1),
-                                  device=device)
+        if store is not None:
+            self.inputs: nn.Module = StoreInputs(store, d, self.z_width, version=store_version)
+        else:
+            self.inputs = ProxyInputs(torch.cat([p_coarse.detach().float(), z.flatten(1)], dim=1),
+                                      has_content, device=device)
         self.adaptor = nn.Sequential(nn.Linear(self.z_width, hidden_dim, device=device),
                                      nn.ReLU(), nn.Linear(hidden_dim, d, device=device))
         self.gate = nn.Linear(2 * d, d, device=device)
@@ -271,15 +325,16 @@ class FineProxy(nn.Module):
         """[N, G*r] the adaptor's frozen inputs (unsharded module only)."""
         return self.inputs.weight[:, self.dim:self.dim + self.z_width]
 
-    def lookup(self, rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """rows [u] item ids -> (p_coarse [u, d], z [u, G*r]), detached."""
-        values = self.inputs(rows)
-        return values[:, :self.dim], values[:, self.dim:self.dim + self.z_width]
+    def lookup(self, rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """rows [u] item ids -> (p_coarse [u, d], z [u, G*r], present [u]), detached."""
+        values, present = self.inputs(rows)
+        return values[:, :self.dim], values[:, self.dim:self.dim + self.z_width], present
 
-    def compute(self, rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """rows [u] item ids -> (p_coarse, p_fine) [u, d]."""
-        pc, z = self.lookup(rows)
-        return pc, self._fine(pc, z)
+    def compute(self, rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """rows [u] item ids -> (p_coarse [u, d], p_fine [u, d], present [u] bool: the
+        item has content; the proxies of the others must not be used)."""
+        pc, z, present = self.lookup(rows)
+        return pc, self._fine(pc, z), present
 
     def _fine(self, pc: torch.Tensor, z_in: torch.Tensor) -> torch.Tensor:
         raw = self.adaptor(z_in)
@@ -299,13 +354,13 @@ class FineProxy(nn.Module):
 
     def proxies(self, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """ids [n] -> (p_coarse [n, d], p_fine [n, d])."""
-        index, _, pc, pf = self.rows(ids)
+        index, _, pc, pf, _ = self.rows(ids)
         return pc[index], pf[index]
 
     def rows(self, ids: torch.Tensor
-             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """ids [n] -> (index [n], rows [u], p_coarse [u, d], p_fine [u, d]): row
-        ``index[i]`` holds item ``ids[i]``; ``rows`` are the items of the rows.
+             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ids [n] -> (index [n], rows [u], p_coarse [u, d], p_fine [u, d], present [u]):
+        row ``index[i]`` holds item ``ids[i]``; ``rows`` are the items of the rows.
 
         The adaptor runs once per item of the call, not per occurrence (a batch's
         target and history ids repeat heavily): over the distinct ids when they are a
@@ -313,8 +368,8 @@ class FineProxy(nn.Module):
         has at least half as many ids as there are items.
         """
         index, rows = _distinct_rows(ids, self.num_items)
-        pc, pf = self.compute(rows)
-        return index, rows, pc, pf
+        pc, pf, present = self.compute(rows)
+        return index, rows, pc, pf, present
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.proxies(ids)[1]
@@ -417,7 +472,9 @@ class _ProxySource(nn.Module):
         self.dim = table_dim
         n = proxies.num_items
         self._num_items = n
-        has_content = proxies.has_content.bool()
+        # with a store, whether an item has content is known per call (is it in the store)
+        has_content = (torch.ones(n, dtype=torch.bool) if config.store
+                       else proxies.has_content.bool())
         if config.mode == "cold_only":
             if cold is None:
                 raise ValueError("idproxy: mode 'cold_only' needs the cold-item mask")
@@ -430,16 +487,21 @@ class _ProxySource(nn.Module):
         else:
             use_proxy = torch.zeros(n, dtype=torch.bool)
         self.register_buffer("use_proxy", use_proxy, persistent=False)
-        self.register_buffer("content_mask", has_content.float().unsqueeze(1), persistent=False)
-        # every item has content: the proxies need no masking (a constant under fx)
-        self._all_content = bool(has_content.all())
         self.fine: Optional[FineProxy] = None
         if config.use_fine:
             self.fine = FineProxy(proxies.p_coarse, proxies.z_groups, config.hidden_dim,
                                   z_rank=config.z_rank, z_mean=proxies.z_mean,
-                                  z_basis=proxies.z_basis)
+                                  z_basis=proxies.z_basis, has_content=has_content,
+                                  store=config.store, store_version=config.store_version)
+        elif config.store:
+            z_width = FineProxy(proxies.p_coarse[:1], proxies.z_groups[:1], 1,
+                                z_rank=config.z_rank, z_mean=proxies.z_mean,
+                                z_basis=proxies.z_basis).z_width
+            self.coarse: nn.Module = StoreInputs(config.store, table_dim, z_width,
+                                                 fields=("p_coarse",),
+                                                 version=config.store_version)
         else:
-            self.coarse = ProxyInputs(proxies.p_coarse.float() * self.content_mask)
+            self.coarse = ProxyInputs(proxies.p_coarse.float(), has_content)
 
     def num_items(self) -> int:
         return self._num_items
@@ -449,24 +511,25 @@ class _ProxySource(nn.Module):
         """Columns of :meth:`rows`' table: 2d with the fine proxy, d without."""
         return 2 * self.dim if self.fine is not None else self.dim
 
-    def rows(self, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """ids [n] → (index [n], table [u, width]): row ``index[i]`` of the table is
-        ``concat(p_coarse, p_fine)`` (or ``p_coarse``) of item ``ids[i]``, zero for
-        items without content."""
+    def rows(self, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ids [n] → (index [n], table [u, width], present [u] bool): row ``index[i]``
+        of the table is ``concat(p_coarse, p_fine)`` (or ``p_coarse``) of item
+        ``ids[i]``, zero for items without content (``present`` False)."""
         if self.fine is None:
             index, rows = _distinct_rows(ids, self._num_items)
-            return index, self.coarse(rows)
-        index, rows, pc, pf = self.fine.rows(ids)
-        table = torch.cat([pc, pf], dim=1)
-        if self._all_content:
-            return index, table
-        return index, table * _take_rows(self.content_mask, rows)
+            table, present = self.coarse(rows)
+        else:
+            index, rows, pc, pf, present = self.fine.rows(ids)
+            table = torch.cat([pc, pf], dim=1)
+        return index, table * present.unsqueeze(1).to(table.dtype), present
 
-    def proxy_rows(self, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """ids [n] → (index [n], table [u, d]) of the proxy that *replaces* an ID
-        embedding: p_fine (or p_coarse without the fine proxy)."""
-        index, table = self.rows(ids)
-        return index, table[:, -self.dim:]
+    def proxy_rows(self, ids: torch.Tensor
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ids [n] → (index [n], table [u, d], use [n] bool): the proxy that *replaces*
+        an ID embedding (p_fine, or p_coarse without the fine proxy) and, per id,
+        whether it does (the mode's choice and the item has content)."""
+        index, table, present = self.rows(ids)
+        return index, table[:, -self.dim:], self.use_proxy[ids] & present[index]
 
 
 class IDProxyEmbeddingCollection(nn.Module):
@@ -516,12 +579,11 @@ class IDProxyEmbeddingCollection(nn.Module):
         ids = torch.cat([t_ids, h_ids])
         emb = torch.cat([_seq_values(seq, self.keys[0]), _seq_values(seq, self.keys[1])])
         if self.config.mode == "augment":
-            index, table = self.source.rows(ids)
+            index, table, _ = self.source.rows(ids)
             values = torch.cat([emb, table[index]], dim=1)
         else:
-            index, table = self.source.proxy_rows(ids)
-            use = self.source.use_proxy[ids].unsqueeze(1)
-            values = torch.where(use, table[index], emb)
+            index, table, use = self.source.proxy_rows(ids)
+            values = torch.where(use.unsqueeze(1), table[index], emb)
         return _replace_seq(seq, self.keys, values, t_ids.shape[0])
 
 
@@ -588,17 +650,17 @@ class IDProxyEmbeddingBagCollection(nn.Module):
         d = self.source.dim
         if self.config.mode in ("augment", "feature"):
             kt = self.embedding_bag_collection(features)
-            index, table = self.source.rows(torch.cat([t_ids, h_ids]))
+            index, table, _ = self.source.rows(torch.cat([t_ids, h_ids]))
             target = table[index[:n_t]]
             hist = jagged.gather_pool(table, index[n_t:], h_len, "mean")
             extra = [target[:, :d], hist[:, :d]] if self.config.use_fine is False else \
                 [target[:, :d], target[:, d:], hist[:, :d], hist[:, d:]]
             return _rebuild_kt(kt, {}, self.extra_keys, extra)
-        h_use = self.source.use_proxy[h_ids]
+        index, table, use = self.source.proxy_rows(torch.cat([t_ids, h_ids]))
+        h_use = use[n_t:]
         kt = self.embedding_bag_collection(
             _drop_from_feature(features, self.keys[1], h_use))
-        index, table = self.source.proxy_rows(torch.cat([t_ids, h_ids]))
-        t_use = self.source.use_proxy[t_ids].unsqueeze(1)
+        t_use = use[:n_t].unsqueeze(1)
         target = torch.where(t_use, table[index[:n_t]], _kt_value(kt, self.keys[0]))
         kept_mean = _kt_value(kt, self.keys[1])
         w = h_use.to(kept_mean.dtype)

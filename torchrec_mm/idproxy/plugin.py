@@ -21,6 +21,7 @@ else from the dataset ``ctx.data_dir`` (its interactions and ``split.json``).
 """
 
 import os
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -49,6 +50,10 @@ class IDProxyOptions:
         cold_threshold: training impressions below which an item is cold.
         hidden_dim: hidden size of the fine-proxy adaptor.
         z_rank: principal components per layer group the adaptor reads (0: all).
+        store: online item store (``torchrec_mm.serving``) the proxies' inputs are read
+            from at every step instead of the artefact's table (new items written by
+            ``torchrec-mm serve-items`` are served at once); ``store_version``: only
+            records of that version. The artefact still gives the dims and the basis.
     """
 
     proxies: str = "idproxy"
@@ -57,6 +62,8 @@ class IDProxyOptions:
     cold_threshold: int = 5
     hidden_dim: int = 64
     z_rank: int = 32
+    store: Optional[str] = None
+    store_version: Optional[str] = None
 
 
 def train_impression_counts(ctx: PluginContext, num_items: int) -> np.ndarray:
@@ -91,7 +98,8 @@ class IDProxyPlugin(RankerPlugin):
     def config(self) -> IDProxyConfig:
         o = self.options
         return IDProxyConfig(mode=o.mode, use_fine=o.use_fine, cold_threshold=o.cold_threshold,
-                             hidden_dim=o.hidden_dim, z_rank=o.z_rank)
+                             hidden_dim=o.hidden_dim, z_rank=o.z_rank, store=o.store,
+                             store_version=o.store_version)
 
     def cold_mask(self, ctx: PluginContext, num_items: int) -> torch.Tensor:
         counts = train_impression_counts(ctx, num_items)
@@ -99,6 +107,8 @@ class IDProxyPlugin(RankerPlugin):
 
     def wrap_collections(self, collections: Any, ctx: PluginContext) -> Any:
         config = self.config()
+        if config.store and "://" not in config.store and not config.store.endswith(".db"):
+            config = dataclasses.replace(config, store=ctx.resolve_path(config.store))
         proxies: Proxies = ctx.extras.get("idproxy_proxies") or load_proxies(
             ctx.resolve_path(self.options.proxies))
         cold: Optional[torch.Tensor] = None

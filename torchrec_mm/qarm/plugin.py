@@ -63,6 +63,12 @@ class QARMOptions:
             ``none``.
         embedding_dim: d of the code tables (0: the ranker's embedding dim; DLRM needs
             them equal).
+        store: online item store (``torchrec_mm.serving``, records of
+            ``serving.fields.qarm_schema``) the codes of each batch's items are read from
+            instead of the artefact (new items written by ``torchrec-mm serve-items``
+            get their codes at once; items missing from it get the no-code index);
+            ``store_version``: only records of that version. The artefact still gives
+            the vocabulary sizes.
     """
 
     codes: str = "qarm_codes"
@@ -75,6 +81,8 @@ class QARMOptions:
     match_len: int = 8
     cross: str = "attention"
     embedding_dim: int = 0
+    store: Optional[str] = None
+    store_version: Optional[str] = None
 
     def __post_init__(self) -> None:
         if not (self.use_vq or self.use_rq):
@@ -106,6 +114,56 @@ class _CodeTransform:
         extra = [code_feature_kjt(kjt, self.rq, self.vq if c.use_vq else None, c)
                  for c in self.configs]
         return dataclasses.replace(batch, sparse_features=KeyedJaggedTensor.concat([kjt] + extra))
+
+
+class _StoreCodeTransform(_CodeTransform):
+    """:class:`_CodeTransform` reading the codes of the batch's distinct items from an
+    online item store: the item ids of the batch are renumbered to rows of a per-batch
+    code table (the output features hold codes only, so they are unchanged). The store
+    is opened lazily in each process (data-loader workers included)."""
+
+    def __init__(self, location: str, version: Optional[str], vq_k: int,
+                 cfg: CodeFeatureConfig, user_vq: bool) -> None:
+        super().__init__(torch.empty(0, dtype=torch.long), None, cfg, user_vq)
+        self.location, self.version, self.vq_k = location, version, vq_k
+        self._store: Any = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_store": None}
+
+    def store(self) -> Any:
+        if self._store is None:
+            from torchrec_mm.serving.store import ItemStore
+
+            self._store = ItemStore.open(self.location, create=False, readonly=True)
+        return self._store
+
+    def __call__(self, batch: Any) -> Any:
+        kjt = batch.sparse_features
+        cfg = self.configs[0]
+        keys = [cfg.item_feature, cfg.history_feature]
+        ids = torch.cat([kjt[k].values() for k in keys])
+        uniq, inverse = torch.unique(ids, return_inverse=True)
+        fields = ["rq"] + (["vq"] if self.vq_k else [])
+        got, found = self.store().get(uniq, fields, version=self.version)
+        rq = torch.where(found.unsqueeze(1) & (got["rq"] >= 0), got["rq"],
+                         torch.full_like(got["rq"], cfg.rq_none))
+        vq = None
+        if self.vq_k:
+            v = got["vq"][:, :self.vq_k]
+            vq = torch.where(found.unsqueeze(1) & (v >= 0), v, torch.full_like(v, cfg.vq_none))
+        local = _renumbered(kjt, keys, inverse)
+        extra = [code_feature_kjt(local, rq, vq if c.use_vq else None, c)
+                 for c in self.configs]
+        return dataclasses.replace(batch, sparse_features=KeyedJaggedTensor.concat([kjt] + extra))
+
+
+def _renumbered(kjt: KeyedJaggedTensor, keys: Any, rows: torch.Tensor) -> KeyedJaggedTensor:
+    """A KJT of ``keys`` only whose values are ``rows`` (the keys' values concatenated,
+    renumbered), same lengths."""
+    lengths = torch.cat([kjt[k].lengths() for k in keys])
+    return KeyedJaggedTensor(keys=list(keys), values=rows, lengths=lengths,
+                             stride=kjt.stride())
 
 
 @register_plugin("qarm")
@@ -159,7 +217,15 @@ class QARMPlugin(RankerPlugin):
             if k > codes.vq.shape[1]:
                 raise ValueError(f"qarm: vq_k {k} > the {codes.vq.shape[1]} stored VQ codes")
             vq = codes.vq[:, :k].long().contiguous()
-        return _CodeTransform(codes.rq.long(), vq, cfg, self.options.user_vq)
+        o = self.options
+        if o.store:
+            store = o.store
+            if "://" not in store and not store.endswith(".db"):
+                store = ctx.resolve_path(store)
+            return _StoreCodeTransform(store, o.store_version,
+                                       (o.vq_k or int(codes.vq.shape[1])) if cfg.use_vq else 0,
+                                       cfg, o.user_vq)
+        return _CodeTransform(codes.rq.long(), vq, cfg, o.user_vq)
 
     def configure_tables(self, tables: Any, ctx: PluginContext) -> Any:
         cfg = self.feature_config(ctx)
