@@ -140,6 +140,48 @@ class FeatureLayout:
         )
 
 
+def build_batch(layout: FeatureLayout, users: np.ndarray, items: np.ndarray,
+                scenarios: np.ndarray, timestamps: np.ndarray, user_attrs: List[np.ndarray],
+                hist_lengths: np.ndarray, hist_values: np.ndarray,
+                labels: Optional[np.ndarray] = None,
+                task_labels: Optional[np.ndarray] = None) -> Batch:
+    """The :class:`Batch` of B samples from their columns (vectorised) — the one place
+    the ranker's features are laid out, for training (:meth:`RankingSamples.make_batch`)
+    and for scoring requests (``torchrec_mm.serving.scoring``).
+
+    Args:
+        users / items / scenarios / timestamps: [B] int64 (scenario: index).
+        user_attrs: one [B] int64 array per ``layout.user_attrs`` key, in order.
+        hist_lengths: [B] history lengths; hist_values: [sum] item ids, latest first.
+        labels: [B] click labels (default zeros); task_labels: [B, T] or None.
+    """
+    B = int(users.shape[0])
+    singles = [users, items, scenarios] + list(user_attrs)
+    values = np.concatenate([np.asarray(v, dtype=np.int64) for v in singles]
+                            + [np.asarray(hist_values, dtype=np.int64)])
+    lengths = np.concatenate([np.ones(B * len(singles), dtype=np.int64),
+                              np.asarray(hist_lengths, dtype=np.int64)])
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=layout.sparse_keys,
+        values=torch.from_numpy(values),
+        lengths=torch.from_numpy(lengths.astype(np.int32)),
+    )
+    hour = (np.asarray(timestamps) % 86400) / 3600.0
+    angle = 2 * math.pi * hour / 24.0
+    dense = np.stack(
+        [np.log1p(hist_lengths) / math.log1p(layout.history_length),
+         np.sin(angle), np.cos(angle)], axis=1).astype(np.float32)
+    return Batch(
+        dense_features=torch.from_numpy(dense),
+        sparse_features=kjt,
+        labels=torch.from_numpy(np.zeros(B, np.float32) if labels is None
+                                else np.asarray(labels, dtype=np.float32).copy()),
+        user_ids=torch.from_numpy(np.asarray(users, dtype=np.int64).copy()),
+        item_ids=torch.from_numpy(np.asarray(items, dtype=np.int64).copy()),
+        task_labels=None if task_labels is None else torch.from_numpy(task_labels),
+    )
+
+
 class RankingSamples:
     """Columnar index of ranking samples of one dataset.
 
@@ -282,33 +324,13 @@ class RankingSamples:
         rows = np.asarray(rows, dtype=np.int64)
         if stream is None:
             stream = "train" if bool((self.split[rows] == SPLIT_TRAIN).all()) else "all"
-        B = rows.shape[0]
         users = self.user[rows]
         hist_len, hist_values = self.history(rows, stream)
-        keys = self.layout.sparse_keys
-        singles = [users, self.item[rows], self.scenario[rows]]
-        singles += [self.user_attr_values[k][users] for k in self.layout.user_attrs]
-        values = np.concatenate(singles + [hist_values])
-        lengths = np.concatenate([np.ones(B * len(singles), dtype=np.int64), hist_len])
-        kjt = KeyedJaggedTensor.from_lengths_sync(
-            keys=keys,
-            values=torch.from_numpy(values),
-            lengths=torch.from_numpy(lengths.astype(np.int32)),
-        )
-        hour = (self.timestamp[rows] % 86400) / 3600.0
-        angle = 2 * math.pi * hour / 24.0
-        dense = np.stack(
-            [np.log1p(hist_len) / math.log1p(self.layout.history_length),
-             np.sin(angle), np.cos(angle)], axis=1).astype(np.float32)
-        batch = Batch(
-            dense_features=torch.from_numpy(dense),
-            sparse_features=kjt,
-            labels=torch.from_numpy(self.label[rows].copy()),
-            user_ids=torch.from_numpy(users.copy()),
-            item_ids=torch.from_numpy(self.item[rows].copy()),
-            task_labels=(torch.from_numpy(self.task_labels(rows)) if self.task_bits
-                         else None),
-        )
+        batch = build_batch(
+            self.layout, users, self.item[rows], self.scenario[rows], self.timestamp[rows],
+            [self.user_attr_values[k][users] for k in self.layout.user_attrs],
+            hist_len, hist_values, labels=self.label[rows],
+            task_labels=self.task_labels(rows) if self.task_bits else None)
         for transform in self.batch_transforms:
             batch = transform(batch)
         return batch

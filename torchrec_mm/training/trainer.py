@@ -141,13 +141,16 @@ def embedding_parameters(module: nn.Module) -> List[nn.Parameter]:
 
 
 def build_model(cfg: TrainConfig, layout: FeatureLayout,
-                samples: Optional[RankingSamples] = None) -> Tuple[nn.Module, List[Any]]:
+                samples: Optional[RankingSamples] = None,
+                spec: Optional[Any] = None) -> Tuple[nn.Module, List[Any]]:
     """Ranker (with plugins) wrapped in :class:`RankerTrain`, unsharded, seeded.
 
     Args:
         samples: the sample index the model will be fed from; given, the plugins see
             it (``ctx.extras["samples"]``) and their batch transforms are installed
             on it (``RankerPlugin.batch_transform``).
+        spec: a ``PluginSpec`` to use instead of reading ``cfg.plugins`` (e.g. the
+            run's spec with serving options such as ``store``).
 
     Returns:
         (model, plugin instances) — the plugins also contribute sharders.
@@ -161,7 +164,8 @@ def build_model(cfg: TrainConfig, layout: FeatureLayout,
     )
 
     torch.manual_seed(cfg.seed)
-    spec = load_spec(cfg.plugins) if cfg.plugins else PluginSpec()
+    if spec is None:
+        spec = load_spec(cfg.plugins) if cfg.plugins else PluginSpec()
     ranker_cfg = cfg.ranker
     if spec.ranker:
         ranker_cfg = RankerConfig.from_dict({**dataclasses.asdict(cfg.ranker), **spec.ranker})
