@@ -59,6 +59,8 @@ class Batch(Pipelineable):
         user_ids / item_ids: [B] int64, for per-user metrics and slices.
         task_labels: [B, T] float32 labels of a multi-task ranker (column 0 = the click),
             when the samples have tasks (:meth:`RankingSamples.set_tasks`), else None.
+        timestamps: [B] int64 sample times (for time-aware batch transforms, e.g. the
+            ``redrec_user`` plugin's snapshot choice); None if unknown.
     """
 
     dense_features: torch.Tensor
@@ -67,6 +69,7 @@ class Batch(Pipelineable):
     user_ids: torch.Tensor
     item_ids: torch.Tensor
     task_labels: Optional[torch.Tensor] = None
+    timestamps: Optional[torch.Tensor] = None
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
         return Batch(
@@ -76,6 +79,8 @@ class Batch(Pipelineable):
             user_ids=self.user_ids.to(device=device, non_blocking=non_blocking),
             item_ids=self.item_ids.to(device=device, non_blocking=non_blocking),
             task_labels=None if self.task_labels is None else self.task_labels.to(
+                device=device, non_blocking=non_blocking),
+            timestamps=None if self.timestamps is None else self.timestamps.to(
                 device=device, non_blocking=non_blocking),
         )
 
@@ -87,6 +92,8 @@ class Batch(Pipelineable):
         self.item_ids.record_stream(stream)
         if self.task_labels is not None:
             self.task_labels.record_stream(stream)
+        if self.timestamps is not None:
+            self.timestamps.record_stream(stream)
 
     def pin_memory(self) -> "Batch":
         return Batch(
@@ -96,6 +103,7 @@ class Batch(Pipelineable):
             user_ids=self.user_ids.pin_memory(),
             item_ids=self.item_ids.pin_memory(),
             task_labels=None if self.task_labels is None else self.task_labels.pin_memory(),
+            timestamps=None if self.timestamps is None else self.timestamps.pin_memory(),
         )
 
     @property
@@ -179,6 +187,7 @@ def build_batch(layout: FeatureLayout, users: np.ndarray, items: np.ndarray,
         user_ids=torch.from_numpy(np.asarray(users, dtype=np.int64).copy()),
         item_ids=torch.from_numpy(np.asarray(items, dtype=np.int64).copy()),
         task_labels=None if task_labels is None else torch.from_numpy(task_labels),
+        timestamps=torch.from_numpy(np.asarray(timestamps, dtype=np.int64).copy()),
     )
 
 

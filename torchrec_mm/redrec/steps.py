@@ -1,8 +1,10 @@
-"""``torchrec-mm experiment`` prepare step of RED-Rec: ``redrec_train``.
+"""``torchrec-mm experiment`` prepare steps of RED-Rec: ``redrec_train`` and
+``redrec_embed_users`` (user-tower snapshots for the ``redrec_user`` ranker feature, see
+:func:`redrec_embed_users_step`).
 
-Options: any :class:`~torchrec_mm.redrec.train.RedRecConfig` field except ``data`` and
-``out`` (the experiment's data set and ``OUT/prepare/<step name>``); ``progress``
-defaults to False. A finished run with the same configuration is not retrained.
+``redrec_train`` options: any :class:`~torchrec_mm.redrec.train.RedRecConfig` field
+except ``data`` and ``out`` (the experiment's data set and ``OUT/prepare/<step name>``);
+``progress`` defaults to False. A finished run with the same configuration is not retrained.
 Returns ``{"run": out, "steps": ..., "eval": {HR@K, NDCG@K, MRR...}}``, which the
 experiment records under ``metrics.json["prepare"][<step name>]``. Several steps with
 different options (e.g. ``policy: global_time``) give RED-Rec ablation runs; the
@@ -39,3 +41,36 @@ def redrec_train_step(data: str, out: str, options: Dict[str, Any],
     if result is None:
         result = train_redrec(cfg)
     return {"run": out, "steps": result["steps"], "eval": result.get("eval")}
+
+
+@register_step("redrec_embed_users")
+def redrec_embed_users_step(data: str, out: str, options: Dict[str, Any],
+                            train_defaults: Dict[str, Any]) -> Dict[str, Any]:
+    """User-tower snapshots of a RED-Rec run for the ``redrec_user`` ranker feature.
+
+    Options: ``run`` (required; e.g. ``"{prepare}/redrec"``, a ``redrec_train`` step's
+    directory) and any other :class:`~torchrec_mm.redrec.user_features.EmbedUsersConfig`
+    field except ``out`` and ``data`` (set by the experiment: ``OUT/prepare/<step name>``
+    and the experiment's data set); ``progress`` defaults to False. Finished snapshots of
+    the same run and options are not recomputed (the job is also resumable). Returns
+    ``{"embeddings": out, "times", "num_vectors", "config_hash", "checkpoint"}``; variants
+    use it as ``{name: redrec_user, options: {embeddings: "{prepare}/<step name>"}}``.
+    """
+    from torchrec_mm.redrec.user_features import EmbedUsersConfig, embed_users
+
+    opts = dict(options)
+    clash = sorted(k for k in ("data", "out") if k in opts)
+    if clash:
+        raise ValueError(f"experiment step redrec_embed_users: options {clash} are set by "
+                         "the experiment")
+    if "run" not in opts:
+        raise ValueError("experiment step redrec_embed_users: option 'run' (a RED-Rec run "
+                         "directory, e.g. \"{prepare}/redrec\") is required")
+    opts.setdefault("progress", False)
+    try:
+        cfg = EmbedUsersConfig(**opts, data=data, out=out)
+    except TypeError as e:
+        raise ValueError(f"experiment step redrec_embed_users: {e}") from None
+    result = embed_users(cfg)
+    return {"embeddings": out, **{k: result[k] for k in (
+        "times", "num_vectors", "config_hash", "checkpoint")}}
