@@ -29,6 +29,11 @@ finished runs and steps.
 
 Output: ``OUT/metrics.json`` — per variant and seed the sliced metrics, plus mean and
 std over seeds — and ``OUT/report.html`` with the ablation table and AUC/GAUC by slice.
+
+``task: retrieval`` (default ``ranking``) hands the spec to
+:func:`torchrec_mm.redrec.experiment.run_retrieval_experiment`: RED-Rec variants
+(RedRecConfig overrides) and the SASRec baseline on the RED-Rec protocol (e.g.
+``plugins/redrec-ablation.yaml``).
 """
 
 import argparse
@@ -43,6 +48,8 @@ import yaml
 
 _STEPS: Dict[str, Callable[..., Dict[str, Any]]] = {}
 SLICE_ORDER = ["test", "warm", "cold", "L1", "L2", "L3", "L4", "L5", "L6"]
+#: ``task:`` of a spec; ``retrieval`` runs torchrec_mm.redrec.experiment (RED-Rec, SASRec)
+TASKS = ("ranking", "retrieval")
 
 
 def register_step(name: str) -> Callable[[Callable[..., Dict[str, Any]]],
@@ -116,7 +123,10 @@ def _run_once(cfg: Any, train: Callable[[Any], Dict[str, Any]]) -> Dict[str, Any
     if os.path.exists(done):
         with open(done) as f:
             result = json.load(f)
-        if result.get("config") == cfg.to_dict():
+        from torchrec_mm.training.trainer import normalized_config
+
+        if normalized_config(result.get("config") or {}) == json.loads(
+                json.dumps(cfg.to_dict())):
             return result
     return train(cfg)
 
@@ -139,9 +149,13 @@ def load_experiment(path: str) -> Dict[str, Any]:
             spec = yaml.safe_load(f) or {}
         except yaml.YAMLError as e:
             raise ValueError(f"{path}: invalid YAML: {e}") from e
-    unknown = set(spec) - {"name", "description", "seeds", "train", "prepare", "variants"}
+    unknown = set(spec) - {"name", "description", "task", "seeds", "train", "prepare",
+                           "variants"}
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}")
+    spec.setdefault("task", "ranking")
+    if spec["task"] not in TASKS:
+        raise ValueError(f"{path}: task must be one of {list(TASKS)}, got {spec['task']!r}")
     if not spec.get("variants"):
         raise ValueError(f"{path}: 'variants' is required (a mapping name -> overrides)")
     for i, step in enumerate(spec.get("prepare") or []):
@@ -173,6 +187,10 @@ def run_experiment(spec_path: str, data: str, out: str,
     from torchrec_mm.training.trainer import train
 
     spec = load_experiment(spec_path)
+    if spec["task"] == "retrieval":
+        from torchrec_mm.redrec.experiment import run_retrieval_experiment
+
+        return run_retrieval_experiment(spec, spec_path, data, out, only)
     os.makedirs(out, exist_ok=True)
     prepare_dir = os.path.join(out, "prepare")
     values = {"prepare": os.path.abspath(prepare_dir), "data": os.path.abspath(data)}

@@ -236,13 +236,25 @@ _RESUMABLE_CHANGES = {"resume", "progress", "max_steps", "epochs", "checkpoint_e
                       "pipeline"}
 
 
+def normalized_config(raw: Dict[str, Any]) -> Dict[str, Any]:
+    """A stored run configuration with the defaults of options added since it was
+    written (so a run of an older version compares equal to the same settings now);
+    as stored when it no longer parses."""
+    try:
+        ranker = RankerConfig.from_dict(dict(raw.get("ranker") or {}))
+        cfg = TrainConfig(**{**raw, "ranker": ranker})
+    except (TypeError, ValueError):
+        return raw
+    return json.loads(json.dumps(cfg.to_dict()))
+
+
 def _check_resumable(cfg: TrainConfig) -> None:
     """Refuses to resume a run directory written with another configuration."""
     path = os.path.join(cfg.out, "config.json")
     if not os.path.exists(path):
         return
     with open(path) as f:
-        old = json.load(f)
+        old = normalized_config(json.load(f))
     new = json.loads(json.dumps(cfg.to_dict()))
     diff = sorted(k for k in set(old) | set(new)
                   if k not in _RESUMABLE_CHANGES and old.get(k) != new.get(k))
