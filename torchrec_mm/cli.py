@@ -21,6 +21,7 @@ _COMMAND_MODULES = [
     "torchrec_mm.idproxy.cli",
     "torchrec_mm.qarm.cli",
     "torchrec_mm.redrec.cli",
+    "torchrec_mm.serving.cli",
 ]
 
 

@@ -6,9 +6,10 @@ IDProxy store (:func:`idproxy_schema`), one record per item:
 
 * ``p_coarse`` float32[d] — the stage-1 proxy (ℓ2-normalised);
 * ``z`` float32[G*r] — the layer-group states the stage-2 adaptor reads, already
-  projected on the artefact's per-group principal basis (``z_rank`` r; the full
-  ``G*D`` states when the proxies were fitted with ``basis_rank: 0``), so a reader
-  feeds them to φ̃ as they are.
+  projected exactly as :class:`~torchrec_mm.idproxy.modules.FineProxy` projects them
+  (the artefact's per-group principal basis, ``z_rank`` r; the flattened ``G*D``
+  states for ``z_rank`` 0), so a reader feeds them to φ̃ as they are. The ranker's
+  ``idproxy`` ``z_rank`` and the writer's must be equal (the schema width checks it).
 
 QARM store (:func:`qarm_schema`): ``vq`` int32[K] (the item's K nearest codebook items;
 ``fill`` -1 = no code) and ``rq`` int32[L] (the residual codes; ``fill`` -1).
