@@ -85,6 +85,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_mm.plugins import PluginContext, RankerPlugin, register_plugin
+from torchrec_mm.plugins.content_feature import _append_keys
 
 logger = logging.getLogger(__name__)
 
@@ -632,16 +633,6 @@ def _row_ids(kjt: KeyedJaggedTensor, key: str) -> torch.Tensor:
         raise KeyError(f"redrec_user: the features lack '{key}' (the plugin's batch "
                        "transform was not applied to this batch)")
     return kjt[key].values()
-
-
-@torch.fx.wrap
-def _append_keys(kt: KeyedTensor, keys: List[str], values: List[torch.Tensor]) -> KeyedTensor:
-    return KeyedTensor(
-        keys=kt.keys() + keys,
-        length_per_key=kt.length_per_key() + [v.shape[1] for v in values],
-        values=torch.cat([kt.values()] + values, dim=1),
-        key_dim=1,
-    )
 
 
 class RedRecUserCollection(nn.Module):

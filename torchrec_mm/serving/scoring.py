@@ -21,7 +21,6 @@ The model runs unsharded in this process (inference needs no all-to-all); reques
 scored in one batch (one sample per candidate), vectorised.
 """
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -84,21 +83,11 @@ class RankerScorer:
             store: shorthand for ``plugin_options={name: {"store": location}}``.
         """
         from torchrec_mm.data.schema import DatasetMeta
-        from torchrec_mm.models.rankers import RankerConfig
         from torchrec_mm.plugins import PluginSpec, load_spec
         from torchrec_mm.training import checkpoint as ckpt
-        from torchrec_mm.training.trainer import TrainConfig, build_model
+        from torchrec_mm.training.trainer import build_model, load_run_config
 
-        config_path = os.path.join(run, "config.json")
-        if not os.path.exists(config_path):
-            raise FileNotFoundError(f"{config_path} not found: '{run}' is not a run "
-                                    "directory written by `torchrec-mm train`")
-        with open(config_path) as f:
-            raw = json.load(f)
-        raw["ranker"] = RankerConfig.from_dict(raw["ranker"])
-        cfg = TrainConfig(**raw)
-        if data:
-            cfg.data = data
+        cfg = load_run_config(run, data)
         spec = load_spec(cfg.plugins) if cfg.plugins else PluginSpec()
         overrides = {k: dict(v) for k, v in (plugin_options or {}).items()}
         for name, location in (store or {}).items():

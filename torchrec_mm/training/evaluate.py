@@ -18,7 +18,6 @@ Metrics per slice: AUC, UAUC, GAUC (``torchrec_mm.metrics.ranking``), log-loss, 
 counts.
 """
 
-import json
 import math
 import os
 from typing import Any, Dict, Optional
@@ -159,22 +158,12 @@ def evaluate_run(run: str, data: Optional[str] = None, batch_size: int = 4096,
 
     Writes ``eval_metrics.json`` to ``out`` (default: the run directory).
     """
-    from torchrec_mm.models.rankers import RankerConfig
     from torchrec_mm.training import checkpoint as ckpt
     from torchrec_mm.training.distributed import init_distributed
-    from torchrec_mm.training.trainer import TrainConfig, build_model, shard_model
+    from torchrec_mm.training.trainer import build_model, load_run_config, shard_model
     from torchrec_mm.utils.io import write_json
 
-    config_path = os.path.join(run, "config.json")
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{config_path} not found: '{run}' is not a run directory "
-                                "written by `torchrec-mm train`")
-    with open(config_path) as f:
-        raw = json.load(f)
-    raw["ranker"] = RankerConfig.from_dict(raw["ranker"])
-    cfg = TrainConfig(**raw)
-    if data:
-        cfg.data = data
+    cfg = load_run_config(run, data)
     latest = ckpt.latest_checkpoint(os.path.join(run, "checkpoints"))
     if latest is None:
         raise FileNotFoundError(f"{run}/checkpoints has no checkpoint to evaluate")

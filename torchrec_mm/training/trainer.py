@@ -236,6 +236,22 @@ _RESUMABLE_CHANGES = {"resume", "progress", "max_steps", "epochs", "checkpoint_e
                       "pipeline"}
 
 
+def load_run_config(run: str, data: Optional[str] = None) -> TrainConfig:
+    """The :class:`TrainConfig` of a ``torchrec-mm train`` run directory (its
+    ``config.json``), with ``data`` replacing the dataset directory when given."""
+    path = os.path.join(run, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: '{run}' is not a run directory written "
+                                "by `torchrec-mm train`")
+    with open(path) as f:
+        raw = json.load(f)
+    raw["ranker"] = RankerConfig.from_dict(raw["ranker"])
+    cfg = TrainConfig(**raw)
+    if data:
+        cfg.data = data
+    return cfg
+
+
 def normalized_config(raw: Dict[str, Any]) -> Dict[str, Any]:
     """A stored run configuration with the defaults of options added since it was
     written (so a run of an older version compares equal to the same settings now);
