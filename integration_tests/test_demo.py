@@ -1,6 +1,8 @@
 """The main job (`torchrec-mm demo`) end to end at small scale, 2 ranks: the report and
 metrics are written, MiniLM recovers the planted item topics, the baseline rankers learn
-the planted interest signal on warm items, and content as a feature lifts cold items."""
+the planted interest signal on warm items, and content as a feature lifts cold items.
+The RED-Rec vs SASRec retrieval stage runs with 2 RED-Rec steps and 1 SASRec epoch
+(wiring and report only; its learning is tested in torchrec_mm/redrec)."""
 
 import json
 import os
@@ -10,11 +12,15 @@ import pytest
 from torchrec_mm.cli import main
 
 
+RETRIEVAL = ["--retrieval-steps", "2", "--sasrec-epochs", "1"]
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("demo"))
     assert main(["demo", "--out", out, "--users", "600", "--items", "800",
-                 "--interactions", "60000", "--epochs", "2", "--world-size", "2"]) == 0
+                 "--interactions", "60000", "--epochs", "2", "--world-size", "2"]
+                + RETRIEVAL) == 0
     with open(os.path.join(out, "metrics.json")) as f:
         return out, json.load(f)
 
@@ -32,6 +38,13 @@ def test_outputs(demo):
     for path in ("idproxy/proxies.json", "qarm/aligned/align_metrics.json",
                  "qarm/codes/codes.json"):
         assert os.path.exists(os.path.join(out, path)), path
+    # the retrieval stage: RED-Rec (content items) and SASRec on the same cases
+    ret, info = m["metrics"]["retrieval"], m["metrics"]["retrieval_info"]
+    for model in ("redrec", "sasrec"):
+        assert 0 <= ret[model]["HR@10"] <= ret[model]["HR@1000"] <= 1, model
+    assert info["redrec_steps"] == 2 and info["redrec_items"] == "content"
+    assert info["cases"] > 100 and info["pool_size"] == 800
+    assert "RED-Rec retrieval" in [s["title"] for s in m["sections"]]
 
 
 def test_content_encoder_recovers_topics(demo):
@@ -57,8 +70,9 @@ def test_rerun_reuses_finished_stages(demo):
     out, m = demo
     assert main(["demo", "--out", out, "--users", "600", "--items", "800",
                  "--interactions", "60000", "--epochs", "2", "--world-size", "2",
-                 "--rankers", "dlrm"]) == 0
+                 "--rankers", "dlrm"] + RETRIEVAL) == 0
     with open(os.path.join(out, "metrics.json")) as f:
         again = json.load(f)
-    # data, content store and the finished run are reused: identical results
+    # data, content store and the finished runs are reused: identical results
     assert again["metrics"]["rankers"]["dlrm"]["eval"] == m["metrics"]["rankers"]["dlrm"]["eval"]
+    assert again["metrics"]["retrieval"] == m["metrics"]["retrieval"]

@@ -5,7 +5,9 @@ rankers on 2 ranks under DMP → the method plugins next to them (content as a f
 IDProxy: stage-1 proxies aligned to the DLRM run's item-ID table, then stage 1+2 in the
 target-attention ranker's ID slots; QARM: alignment on mined item2item pairs, VQ/RQ
 codes, code features and the CrossNet in DLRM) → evaluate warm / cold / popularity /
-item-age slices → ``OUT/metrics.json`` + ``OUT/report.html``.
+item-age slices → RED-Rec retrieval (a small user tower over the MiniLM content vectors)
+against the ID-only SASRec on the RED-Rec protocol (``--no-retrieval`` skips it) →
+``OUT/metrics.json`` + ``OUT/report.html``.
 
 Every stage is resumable: re-running the command reuses the data and the finished
 encode chunks, and training resumes from its last checkpoint.
@@ -15,7 +17,7 @@ import argparse
 import dataclasses
 import os
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import yaml
@@ -72,6 +74,77 @@ def prepare_plugin(plugin: str, out: str, data_dir: str, content_dir: str,
     raise ValueError(f"demo: no preparation known for plugin '{plugin}'")
 
 
+#: the demo's RED-Rec user tower: the top layers of the content encoder's LM (MiniLM)
+RETRIEVAL_LM_LAYERS = 2
+RETRIEVAL_MAX_USERS = 1000
+
+
+def retrieval_stage(out: str, data_dir: str, content_dir: Optional[str],
+                    model_path: Optional[str], seed: int, max_steps: Optional[int],
+                    sasrec_epochs: int, timings: Dict[str, float]
+                    ) -> Tuple[Dict[str, Any], Dict[str, Any], Any]:
+    """RED-Rec vs SASRec on the RED-Rec protocol (both resumable: a finished run of the
+    same settings is reused).
+
+    RED-Rec: user tower = the top :data:`RETRIEVAL_LM_LAYERS` layers of the content
+    LM (the paper initialises both towers from one LM), item side = the frozen content
+    vectors of ``content_dir`` (item IDs without it), 2-D mixing, last_n 64, 3 epochs
+    (or ``max_steps``). SASRec: item IDs only, ``sasrec_epochs`` epochs, the same
+    history length and cases.
+
+    Returns:
+        ``(metrics, info, report section)``: metrics ``{"redrec": {HR@K, NDCG@K, MRR@K,
+        MRR}, "sasrec": {...}}``, info: cases, pool size, steps.
+    """
+    from torchrec_mm.redrec.experiment import (
+        PROTOCOL_FIELDS,
+        metric_values,
+        retrieval_section,
+        run_redrec,
+        run_sasrec,
+        truncate_lm,
+    )
+    from torchrec_mm.redrec.train import RedRecConfig
+
+    root = os.path.join(out, "redrec")
+    t = time.time()
+    lm = truncate_lm(os.path.join(root, "lm"), RETRIEVAL_LM_LAYERS, model_path)
+    items = ({"item_embedding": "content", "content_store": os.path.abspath(content_dir)}
+             if content_dir else {})
+    cfg = RedRecConfig(data=data_dir, out=os.path.join(root, "run"), model_path=lm,
+                       embedding_dim=64, last_n=64, window=10, num_negatives=512,
+                       batch_size=32, epochs=3, max_steps=max_steps, dense_lr=5e-4,
+                       seed=seed, eval_max_users=RETRIEVAL_MAX_USERS, **items)
+    red = run_redrec(cfg)
+    timings["retrieval_redrec"] = time.time() - t
+    t = time.time()
+    sas = run_sasrec(data_dir, os.path.join(root, "sasrec"),
+                     {"dim": 64, "max_len": cfg.resolved_eval_last_n,
+                      "epochs": sasrec_epochs, "batch_size": 16, "seed": seed},
+                     {k: getattr(cfg, k) for k in PROTOCOL_FIELDS}, progress=True)
+    timings["retrieval_sasrec"] = time.time() - t
+    if red["eval"]["num_users"] != sas["eval"]["num_users"]:
+        raise RuntimeError("demo retrieval: RED-Rec and SASRec were evaluated on different "
+                           "cases")
+    info = {"cases": red["eval"]["num_users"], "pool_size": red["eval"]["pool_size"],
+            "redrec_steps": red["steps"], "redrec_lm_layers": RETRIEVAL_LM_LAYERS,
+            "redrec_items": cfg.item_embedding, "sasrec_epochs": len(sas["train"]["loss"])}
+    metrics = {"redrec": metric_values(red["eval"]), "sasrec": metric_values(sas["eval"])}
+    label = "content" if content_dir else "ID"
+    section = retrieval_section(
+        "RED-Rec retrieval", {f"RED-Rec ({label} items)": [metrics["redrec"]],
+                              "SASRec (ID only)": [metrics["sasrec"]]},
+        text=(f"RED-Rec's user tower (the top {RETRIEVAL_LM_LAYERS} layers of the content "
+              f"LM over the 2-D mixed homefeed/search/ads events, last_n {cfg.last_n}, "
+              f"{cfg.interests_per_scenario} interests per scenario, {red['steps']} steps; "
+              f"items: {'the frozen MiniLM content vectors' if content_dir else 'ID table'})"
+              " against the ID-only SASRec baseline, both on the RED-Rec protocol: a "
+              "random cutoff per user in the test period, the next 3 events as targets "
+              "(cold items included), the whole catalogue as the candidate pool."),
+        note=f"{info['cases']} users, pool {info['pool_size']} items, one seed")
+    return metrics, info, section
+
+
 def content_topic_agreement(store_dir: str, data_dir: str, k: int = 10,
                             sample: int = 2000, seed: int = 0) -> Dict[str, float]:
     """How well the content embeddings recover the synthetic items' latent topics:
@@ -103,7 +176,9 @@ def content_topic_agreement(store_dir: str, data_dir: str, k: int = 10,
 def run_demo(out: str, users: int = 2000, items: int = 3000, interactions: int = 150_000,
              rankers: List[str] = list(DEFAULT_RANKERS), world_size: int = 2,
              epochs: int = 3, batch_size: int = 256, model_path: Optional[str] = None,
-             encode: bool = True, seed: int = 0) -> Dict[str, Any]:
+             encode: bool = True, seed: int = 0, retrieval: bool = True,
+             retrieval_steps: Optional[int] = None, sasrec_epochs: int = 10
+             ) -> Dict[str, Any]:
     from torchrec_mm.content.encode_job import encode_items
     from torchrec_mm.content.encoder import ContentEncoderConfig
     from torchrec_mm.data.io import is_dataset_dir, validate_dataset
@@ -172,6 +247,14 @@ def run_demo(out: str, users: int = 2000, items: int = 3000, interactions: int =
     metrics = {"dataset": dataclasses.asdict(stats),
                "content": content, "rankers": results, "timings_s": timings}
     sections = []
+    retrieval_section = None
+    if retrieval:
+        metrics["retrieval"], metrics["retrieval_info"], retrieval_section = retrieval_stage(
+            out, data_dir, os.path.join(out, "content") if encode else None, model_path,
+            seed, retrieval_steps, sasrec_epochs, timings)
+        print("retrieval (RED-Rec vs SASRec): " + "  ".join(
+            f"{k} {metrics['retrieval']['redrec'][k]:.4f} vs "
+            f"{metrics['retrieval']['sasrec'][k]:.4f}" for k in ("HR@10", "HR@100", "MRR")))
     if content:
         sections.append(Section(
             title="Content encoder",
@@ -180,11 +263,14 @@ def run_demo(out: str, users: int = 2000, items: int = 3000, interactions: int =
                   "share its latent topic, against chance."),
             tables=[Table.from_flat("topic recovery by content nearest neighbours",
                                     {k: v for k, v in content.items() if k != "store"})]))
+    if retrieval_section is not None:
+        sections.append(retrieval_section)
     path = write_report(
         out, metrics, curves=curves, title="torchrec-mm demo: baseline rankers and the method plugins",
         config={"users": users, "items": items, "interactions": interactions,
                 "world_size": world_size, "epochs": epochs, "batch_size": batch_size,
-                "rankers": rankers},
+                "rankers": rankers, "retrieval": retrieval,
+                "retrieval_steps": retrieval_steps, "sasrec_epochs": sasrec_epochs},
         sections=sections, slice_metrics=slices,
         slice_order=["test", "warm", "cold", "L1", "L2", "L3", "L4", "L5", "L6"]
         + [k for k in next(iter(slices.values()), {}) if k.startswith("age")])
@@ -196,7 +282,8 @@ def _run(args: argparse.Namespace) -> int:
     run_demo(args.out, users=args.users, items=args.items, interactions=args.interactions,
              rankers=args.rankers.split(","), world_size=args.world_size, epochs=args.epochs,
              batch_size=args.batch_size, model_path=args.model, encode=not args.no_encode,
-             seed=args.seed)
+             seed=args.seed, retrieval=not args.no_retrieval,
+             retrieval_steps=args.retrieval_steps, sasrec_epochs=args.sasrec_epochs)
     return 0
 
 
@@ -218,4 +305,10 @@ def register(subparsers: Any) -> None:
                    "(default: the bundled MiniLM)")
     p.add_argument("--no-encode", action="store_true", help="skip content encoding")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-retrieval", action="store_true",
+                   help="skip the RED-Rec vs SASRec retrieval stage")
+    p.add_argument("--retrieval-steps", type=int,
+                   help="RED-Rec training steps of the retrieval stage (default 3 epochs)")
+    p.add_argument("--sasrec-epochs", type=int, default=10,
+                   help="SASRec epochs of the retrieval stage")
     p.set_defaults(func=_run)

@@ -1,4 +1,5 @@
-"""``torchrec-mm redrec train`` and ``torchrec-mm redrec evaluate``.
+"""``torchrec-mm redrec train``, ``evaluate``, ``sasrec`` and ``embed-users`` (user-tower
+snapshots for the ``redrec_user`` ranker feature, :mod:`torchrec_mm.redrec.user_features`).
 
 ::
 
@@ -6,12 +7,19 @@
         --batch-size 32 [--config redrec.yaml] \\
         [--item-embedding content --content-store out/content]
     torchrec-mm redrec evaluate --run runs/redrec [--index HNSW32] [--split test_warm]
+    torchrec-mm redrec sasrec --data out/synth --out runs/sasrec --epochs 20 \\
+        [--max-len 118] [--max-users 1000]
 
 ``train`` flags override the YAML :class:`~torchrec_mm.redrec.train.RedRecConfig`
 given by ``--config``; it resumes from ``OUT``'s latest checkpoint unless
 ``--no-resume``. ``evaluate`` re-evaluates the latest checkpoint of a run directory
 (evaluation options may differ from the training run) and writes
-``RUN/eval_metrics.json``.
+``RUN/eval_metrics.json``. ``sasrec`` trains the ID-only SASRec baseline on the train
+split and evaluates it on the RED-Rec protocol: its evaluation flags have ``train``'s
+names and defaults, so the same values give the same cases (users, cutoffs, targets,
+pool) as a RED-Rec run; it writes ``OUT/model.safetensors``, ``config.json``,
+``metrics.json`` (training) and ``eval_metrics.json``, and reuses a finished run of the
+same settings unless ``--no-resume``.
 """
 
 import argparse
@@ -35,12 +43,15 @@ def _ks(text: str) -> tuple:
     return ks
 
 
-def _add_eval_flags(p: argparse.ArgumentParser) -> None:
+def _add_eval_flags(p: argparse.ArgumentParser, protocol_only: bool = False) -> None:
+    """Evaluation flags; ``protocol_only``: only those defining the cases (SASRec's
+    evaluation scores exactly)."""
     p.add_argument("--split", dest="eval_split", choices=["test", "test_warm", "test_cold"],
                    help="events that may be evaluation targets (default test)")
-    p.add_argument("--index", dest="eval_index",
-                   help="'exact' or a faiss index_factory string (Flat, HNSW32, IVF64,Flat)")
-    p.add_argument("--nprobe", dest="eval_nprobe", type=int, help="IVF probes")
+    if not protocol_only:
+        p.add_argument("--index", dest="eval_index", help="'exact' or a faiss "
+                       "index_factory string (Flat, HNSW32, IVF64,Flat)")
+        p.add_argument("--nprobe", dest="eval_nprobe", type=int, help="IVF probes")
     p.add_argument("--pool-size", dest="eval_pool_size", type=int,
                    help="random catalogue items in the candidate pool (default 1e6, clamped)")
     p.add_argument("--max-users", dest="eval_max_users", type=int,
@@ -49,7 +60,8 @@ def _add_eval_flags(p: argparse.ArgumentParser) -> None:
                    help="targets per user (default 3)")
     p.add_argument("--ks", dest="eval_ks", type=_ks, help=_KS_HELP)
     p.add_argument("--eval-seed", type=int)
-    p.add_argument("--eval-batch-size", type=int, help="users per tower call")
+    if not protocol_only:
+        p.add_argument("--eval-batch-size", type=int, help="users per tower call")
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
@@ -94,6 +106,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 
 _NOT_OPTIONS = {"command", "redrec_command", "func", "config", "no_resume", "no_eval",
                 "no_progress", "verbose", "run"}
+
+# `redrec sasrec`: SASRecConfig flags (dest = field name); protocol flags = train's
+_SASREC_FLAGS = ("dim", "num_layers", "num_heads", "max_len", "dropout", "lr",
+                 "weight_decay", "epochs", "batch_size", "negatives", "tau_init", "seed")
+_PROTOCOL_FLAGS = ("eval_split", "eval_num_targets", "eval_pool_size", "eval_ks",
+                   "eval_max_users", "eval_seed", "min_history")
 
 
 def _options(args: argparse.Namespace) -> Dict[str, Any]:
@@ -145,9 +163,64 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_sasrec_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="dataset directory (with split.json)")
+    p.add_argument("--out", required=True, help="run directory (model, metrics)")
+    p.add_argument("--config", help="YAML of SASRecConfig fields and evaluation options "
+                   "(eval_split, eval_max_users, ...); flags given here override it")
+    p.add_argument("--dim", type=int, help="item / hidden width d (default 64)")
+    p.add_argument("--num-layers", type=int, help="causal transformer blocks (default 2)")
+    p.add_argument("--num-heads", type=int, help="attention heads (default 2)")
+    p.add_argument("--max-len", type=int, help="longest history L (default 50)")
+    p.add_argument("--dropout", type=float)
+    p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--epochs", type=int, help="passes over the training segments (default 10)")
+    p.add_argument("--batch-size", type=int, help="segments per step (default 64; the "
+                   "in-batch softmax grows with (batch x max-len)^2: on CPU 16 is far "
+                   "faster per epoch)")
+    p.add_argument("--negatives", type=int, help="sampled negatives per step (default 256)")
+    p.add_argument("--tau-init", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--min-history", type=int, help="events required before the cutoff "
+                   "(default 1, as redrec train)")
+    p.add_argument("--no-resume", action="store_true",
+                   help="train again even if OUT holds a finished run of these settings")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    _add_eval_flags(p, protocol_only=True)
+
+
+def _run_sasrec(args: argparse.Namespace) -> int:
+    import yaml
+
+    from torchrec_mm.redrec.experiment import run_sasrec
+
+    raw: Dict[str, Any] = {}
+    if args.config:
+        with open(args.config) as f:
+            raw = yaml.safe_load(f) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{args.config}: expected a mapping of SASRec options")
+        unknown = sorted(set(raw) - set(_SASREC_FLAGS) - set(_PROTOCOL_FLAGS))
+        if unknown:
+            raise ValueError(f"{args.config}: unknown SASRec option(s) {unknown}")
+    raw.update(_options(args))
+    result = run_sasrec(args.data, args.out,
+                        {k: v for k, v in raw.items() if k in _SASREC_FLAGS},
+                        {k: v for k, v in raw.items() if k in _PROTOCOL_FLAGS},
+                        progress=not args.no_progress, resume=not args.no_resume)
+    train = result["train"]
+    print(json.dumps({"epochs": len(train["loss"]),
+                      "train_seconds": round(train["seconds"], 1),
+                      "last_loss": round(train["loss"][-1], 4) if train["loss"] else None,
+                      "eval": _summary(result["eval"])}, indent=1))
+    return 0
+
+
 def register(subparsers: Any) -> None:
-    """Adds ``redrec`` with the subcommands ``train`` and ``evaluate``."""
-    p = subparsers.add_parser("redrec", help="RED-Rec user tower: train and evaluate",
+    """Adds ``redrec`` with the subcommands ``train``, ``evaluate`` and ``sasrec``."""
+    p = subparsers.add_parser("redrec", help="RED-Rec user tower: train and evaluate; the "
+                              "SASRec baseline",
                               description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="redrec_command", metavar="SUBCOMMAND")
@@ -162,3 +235,10 @@ def register(subparsers: Any) -> None:
     e.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     _add_eval_flags(e)
     e.set_defaults(func=_run_evaluate)
+    b = sub.add_parser("sasrec", help="train + evaluate the ID-only SASRec baseline on the "
+                       "RED-Rec protocol")
+    _add_sasrec_flags(b)
+    b.set_defaults(func=_run_sasrec)
+    from torchrec_mm.redrec.user_features import add_embed_users_parser
+
+    add_embed_users_parser(sub)
