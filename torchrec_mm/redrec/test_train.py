@@ -45,12 +45,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 NUM_USERS, NUM_ITEMS, TOPICS = 120, 240, 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # redrec/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -47,12 +47,7 @@ NUM_USERS, NUM_ITEMS = 60, 120
 SNAPSHOTS = 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # redrec/conftest.py
 
 
 @pytest.fixture(scope="module")
