@@ -64,29 +64,71 @@ def project_states(z_groups: torch.Tensor, z_mean: "torch.Tensor | None",
     return z.flatten(1)
 
 
+def idproxy_projection(proxies: "Proxies", z_rank: int
+                       ) -> "tuple[torch.Tensor | None, torch.Tensor | None, int]":
+    """(z_mean, z_basis, r) of the ``z`` field, chosen as the ranker's
+    :class:`~torchrec_mm.idproxy.modules.FineProxy` chooses them: the artefact's basis
+    when it has at least ``min(z_rank, D)`` columns, else the (deterministic)
+    ``group_basis`` of the artefact's states; r = 0 (the flattened states) for
+    ``z_rank`` 0."""
+    from torchrec_mm.idproxy.artifacts import group_basis
+
+    if z_rank <= 0:
+        return None, None, 0
+    mean, basis = proxies.z_mean, proxies.z_basis
+    if basis is None or basis.shape[2] < min(z_rank, int(proxies.z_groups.shape[2])):
+        mean, basis = group_basis(proxies.z_groups.float(), z_rank)
+    return mean, basis, min(int(z_rank), int(basis.shape[2]))
+
+
+def idproxy_catalogue_ids(proxies: "Proxies", ids: np.ndarray) -> np.ndarray:
+    """The ids (of ``ids``) the artefact has a record for: inside it, with content."""
+    ids = as_ids(ids)
+    inside = ids[(ids >= 0) & (ids < proxies.num_items)]
+    return inside[proxies.has_content.numpy().astype(bool)[inside]]
+
+
+def idproxy_catalogue(proxies: "Proxies", ids: np.ndarray,
+                      projection: "tuple[torch.Tensor | None, torch.Tensor | None, int]"
+                      ) -> "dict[str, torch.Tensor]":
+    """The records of catalogue ``ids`` from the artefact (``projection``:
+    :func:`idproxy_projection`)."""
+    rows = torch.from_numpy(as_ids(ids))
+    return {"p_coarse": proxies.p_coarse[rows].float(),
+            "z": project_states(proxies.z_groups[rows], *projection)}
+
+
+def qarm_catalogue_ids(codes: "QARMCodes", ids: np.ndarray) -> np.ndarray:
+    """The ids (of ``ids``) the codes artefact has a code for."""
+    ids = as_ids(ids)
+    inside = ids[(ids >= 0) & (ids < codes.num_items)]
+    return inside[codes.has_code.numpy().astype(bool)[inside]]
+
+
+def qarm_catalogue(codes: "QARMCodes", ids: np.ndarray) -> "dict[str, torch.Tensor]":
+    """The ``vq`` / ``rq`` records of catalogue ``ids``."""
+    rows = torch.from_numpy(as_ids(ids))
+    return {"vq": codes.vq[rows].to(torch.int32), "rq": codes.rq[rows].to(torch.int32)}
+
+
 def write_idproxy_records(store: "ItemStore", proxies: "Proxies", ids: np.ndarray,
                           version: str, z_rank: int = 32) -> int:
     """Puts the records of ``ids`` (items with content only) from a stage-1 artefact;
     returns how many were written."""
-    ids = as_ids(ids)
-    ids = ids[proxies.has_content[torch.from_numpy(ids)].numpy().astype(bool)]
+    ids = idproxy_catalogue_ids(proxies, ids)
     if not len(ids):
         return 0
-    t = torch.from_numpy(ids)
-    z = project_states(proxies.z_groups[t], proxies.z_mean, proxies.z_basis, z_rank)
-    return store.put(ids, {"p_coarse": proxies.p_coarse[t].float(), "z": z}, version)
+    return store.put(ids, idproxy_catalogue(proxies, ids, idproxy_projection(proxies, z_rank)),
+                     version)
 
 
 def write_qarm_records(store: "ItemStore", codes: "QARMCodes", ids: np.ndarray,
                        version: str) -> int:
     """Puts the VQ/RQ codes of ``ids`` (items with a code only) from a codes artefact."""
-    ids = as_ids(ids)
-    has = np.asarray(codes.has_code)[ids].astype(bool)
-    ids = ids[has]
+    ids = qarm_catalogue_ids(codes, ids)
     if not len(ids):
         return 0
-    return store.put(ids, {"vq": np.asarray(codes.vq)[ids].astype(np.int32),
-                           "rq": np.asarray(codes.rq)[ids].astype(np.int32)}, version)
+    return store.put(ids, qarm_catalogue(codes, ids), version)
 
 
 def artifact_version(path: str) -> str:
@@ -107,5 +149,7 @@ def as_ids(ids: "np.ndarray | torch.Tensor | list") -> np.ndarray:
     return np.asarray(ids, dtype=np.int64)
 
 
-__all__ = ["IDPROXY_FIELDS", "QARM_FIELDS", "artifact_version", "as_ids", "idproxy_schema",
-           "project_states", "qarm_schema", "write_idproxy_records", "write_qarm_records"]
+__all__ = ["IDPROXY_FIELDS", "QARM_FIELDS", "artifact_version", "as_ids", "idproxy_catalogue",
+           "idproxy_catalogue_ids", "idproxy_projection", "idproxy_schema", "project_states",
+           "qarm_catalogue", "qarm_catalogue_ids", "qarm_schema", "write_idproxy_records",
+           "write_qarm_records"]

@@ -102,8 +102,13 @@ import torch
 from torchrec_mm.data.schema import DataError
 from torchrec_mm.serving.fields import (
     artifact_version,
+    idproxy_catalogue,
+    idproxy_catalogue_ids,
+    idproxy_projection,
     idproxy_schema,
     project_states,
+    qarm_catalogue,
+    qarm_catalogue_ids,
     qarm_schema,
 )
 from torchrec_mm.serving.schema import StoreSchema
@@ -490,21 +495,14 @@ class IDProxyRecords(RecordMethod):
 
     def __init__(self, proxies_dir: str, z_rank: int, device: str = "cpu",
                  batch_size: int = 32) -> None:
-        from torchrec_mm.idproxy.artifacts import group_basis, load_proxies
+        from torchrec_mm.idproxy.artifacts import load_proxies
 
         self.proxies_dir = proxies_dir
         self.proxies = load_proxies(proxies_dir)
         px = self.proxies
         g, d = int(px.z_groups.shape[1]), int(px.z_groups.shape[2])
-        self.z_mean, self.z_basis = px.z_mean, px.z_basis
-        self.z_rank = 0
-        if z_rank > 0:
-            if self.z_basis is None or self.z_basis.shape[2] < min(z_rank, d):
-                logger.info("idproxy: the basis of %s has fewer than z_rank=%d columns: "
-                            "computing one of rank %d, as the ranker does", proxies_dir,
-                            z_rank, z_rank)
-                self.z_mean, self.z_basis = group_basis(px.z_groups, z_rank)
-            self.z_rank = min(int(z_rank), int(self.z_basis.shape[2]))
+        self.projection = idproxy_projection(px, z_rank)
+        self.z_rank = self.projection[2]
         width = g * (self.z_rank or d)
         self.schema = idproxy_schema(px.dim, width)
         self.version = artifact_version(proxies_dir)
@@ -526,7 +524,7 @@ class IDProxyRecords(RecordMethod):
     def project(self, z_groups: torch.Tensor) -> torch.Tensor:
         """[n, G, D] states -> [n, G*r] ``z`` (float16-rounded first, as the artefact
         stores them, so new and catalogue items go through the same numbers)."""
-        return project_states(z_groups.half().float(), self.z_mean, self.z_basis, self.z_rank)
+        return project_states(z_groups.half().float(), *self.projection)
 
     def compute(self, texts: Sequence[str], images: Optional[Sequence[Optional[str]]]
                 ) -> Dict[str, torch.Tensor]:
@@ -535,14 +533,10 @@ class IDProxyRecords(RecordMethod):
         return {"p_coarse": out.p_coarse.float(), "z": self.project(out.z_groups)}
 
     def catalogue_ids(self, item_ids: np.ndarray) -> np.ndarray:
-        n = self.proxies.num_items
-        inside = item_ids[item_ids < n]
-        return inside[self.proxies.has_content.numpy()[inside]]
+        return idproxy_catalogue_ids(self.proxies, item_ids)
 
     def catalogue(self, ids: np.ndarray) -> Dict[str, torch.Tensor]:
-        rows = torch.from_numpy(ids)
-        return {"p_coarse": self.proxies.p_coarse[rows],
-                "z": self.project(self.proxies.z_groups[rows])}
+        return idproxy_catalogue(self.proxies, ids, self.projection)
 
 
 class QARMRecords(RecordMethod):
@@ -598,14 +592,10 @@ class QARMRecords(RecordMethod):
         return {"vq": vq.to(torch.int32), "rq": rq.to(torch.int32)}
 
     def catalogue_ids(self, item_ids: np.ndarray) -> np.ndarray:
-        n = self.codes.num_items
-        inside = item_ids[item_ids < n]
-        return inside[self.codes.has_code.numpy()[inside]]
+        return qarm_catalogue_ids(self.codes, item_ids)
 
     def catalogue(self, ids: np.ndarray) -> Dict[str, torch.Tensor]:
-        rows = torch.from_numpy(ids)
-        return {"vq": self.codes.vq[rows].to(torch.int32),
-                "rq": self.codes.rq[rows].to(torch.int32)}
+        return qarm_catalogue(self.codes, ids)
 
 
 def check_align_matches_codes(align_dir: str, codes: Any, codes_dir: str,
