@@ -8,7 +8,7 @@ plugin can wrap either one (e.g. put content proxies in the item-ID slots) witho
 changing this code.
 """
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -30,18 +30,50 @@ def _jagged_to_padded(jt: JaggedTensor, max_len: int) -> torch.Tensor:
 
 
 @torch.fx.wrap
-def _padding_mask(jt: JaggedTensor, max_len: int) -> torch.Tensor:
-    """[B, max_len] bool: True on real (non-padded) positions."""
-    lengths = jt.lengths().clamp(max=max_len)
-    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
+def _values_lengths(jt: JaggedTensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    return jt.values(), jt.lengths()
+
+
+@torch.fx.wrap
+def _jagged_prefix(values: torch.Tensor, lengths: torch.Tensor, max_len: int
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Jagged rows cut to their first ``max_len`` values (what a ``max_len`` padding
+    keeps). values [N, D], lengths [B] -> (values [N', D], segment of each [N'])."""
+    lengths = lengths.long()
+    seg = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device),
+                                  lengths, output_size=values.shape[0])
+    if values.shape[0] and int(lengths.max()) > max_len:
+        offsets = torch.cumsum(lengths, 0) - lengths
+        keep = torch.arange(values.shape[0], device=values.device) - offsets[seg] < max_len
+        return values[keep], seg[keep]
+    return values, seg
+
+
+@torch.fx.wrap
+def _segment_softmax(scores: torch.Tensor, seg: torch.Tensor, num_segments: int
+                     ) -> torch.Tensor:
+    """Softmax of ``scores`` [N] within each segment (``seg`` [N] in 0..B-1)."""
+    shift = torch.full((num_segments,), float("-inf"), dtype=scores.dtype,
+                       device=scores.device).scatter_reduce(0, seg, scores.detach(), "amax")
+    e = torch.exp(scores - shift[seg])
+    total = torch.zeros(num_segments, dtype=e.dtype, device=e.device).index_add(0, seg, e)
+    return e / total[seg]
 
 
 class TargetAttention(nn.Module):
-    """DIN activation unit: attention of a target over a padded sequence.
+    """DIN activation unit: attention of a target over a sequence.
 
     Weights ``a_j = MLP([h_j, t, h_j - t, h_j * t])``, masked; the output is
     ``sum_j softmax(a)_j h_j`` (softmax-normalised as in DIN's practice on long
     histories). Empty histories give a zero vector.
+
+    The first layer is evaluated in its expanded form (same parameters, same values)::
+
+        W [h, t, h - t, h * t] + b = (W_h + W_d) h + W_p (h * t) + ((W_t - W_d) t + b)
+
+    so no [.., 4D] input is built and the target's term is computed once per sample,
+    not once per history position. :meth:`forward_jagged` runs on the real history
+    items only (no padding).
 
     Args:
         embedding_dim: D.
@@ -52,10 +84,32 @@ class TargetAttention(nn.Module):
                  device: Optional[torch.device] = None) -> None:
         super().__init__()
         hidden = hidden or [64, 32]
+        self.embedding_dim = embedding_dim
         self.mlp = nn.Sequential(
             MLP(4 * embedding_dim, hidden, bias=True, activation="relu", device=device),
             nn.Linear(hidden[-1], 1, device=device),
         )
+
+    def _first_layer(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(W_h + W_d, W_t - W_d, W_p, b) of the first linear layer [H, D] x3, [H]."""
+        linear = self.mlp[0]._mlp[0]._linear
+        w_h, w_t, w_d, w_p = linear.weight.split(self.embedding_dim, dim=1)
+        return w_h + w_d, w_t - w_d, w_p, linear.bias
+
+    def _scores(self, h: torch.Tensor, h_times_t: torch.Tensor, t_term: torch.Tensor
+                ) -> torch.Tensor:
+        """Attention logits [...]: h, h*t [..., D], t_term [..., H] (broadcast)."""
+        w_seq, _, w_prod, _ = self._first_layer()
+        first = self.mlp[0]._mlp[0]
+        x = first._activation_fn(torch.nn.functional.linear(h, w_seq)
+                                 + torch.nn.functional.linear(h_times_t, w_prod) + t_term)
+        for layer in self.mlp[0]._mlp[1:]:
+            x = layer(x)
+        return self.mlp[1](x).squeeze(-1)
+
+    def _target_term(self, target: torch.Tensor) -> torch.Tensor:
+        _, w_target, _, bias = self._first_layer()
+        return torch.nn.functional.linear(target, w_target, bias)
 
     def forward(self, target: torch.Tensor, seq: torch.Tensor, mask: torch.Tensor
                 ) -> torch.Tensor:
@@ -65,12 +119,29 @@ class TargetAttention(nn.Module):
         Returns:
             [B, D] attention-pooled history.
         """
-        t = target.unsqueeze(1).expand_as(seq)
-        scores = self.mlp(torch.cat([seq, t, seq - t, seq * t], dim=-1)).squeeze(-1)
+        t = target.unsqueeze(1)
+        scores = self._scores(seq, seq * t, self._target_term(target).unsqueeze(1))
         scores = scores.masked_fill(~mask, float("-inf"))
         weights = torch.softmax(scores, dim=1)
         weights = torch.nan_to_num(weights, nan=0.0)  # rows with no history
         return torch.bmm(weights.unsqueeze(1), seq).squeeze(1)
+
+    def forward_jagged(self, target: torch.Tensor, values: torch.Tensor,
+                       lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+        """The same attention over a jagged history, on its real items only.
+
+        Args:
+            target: [B, D]; values: [sum(lengths), D] history rows; lengths: [B];
+            max_len: each row's first ``max_len`` items are attended to (as ``forward``
+                over the history padded/cut to ``max_len``).
+        Returns:
+            [B, D]; zero for empty histories.
+        """
+        h, seg = _jagged_prefix(values, lengths, max_len)
+        t = target.index_select(0, seg)
+        scores = self._scores(h, h * t, self._target_term(target).index_select(0, seg))
+        weights = _segment_softmax(scores, seg, target.shape[0])
+        return torch.zeros_like(target).index_add(0, seg, weights.unsqueeze(1) * h)
 
 
 class TargetAttentionRanker(nn.Module):
@@ -146,9 +217,7 @@ class TargetAttentionRanker(nn.Module):
         seq: Dict[str, JaggedTensor] = self.embedding_collection(sparse_features)
         target_jt = seq[self.target_feature]
         target = _jagged_to_padded(target_jt, 1).squeeze(1)
-        hist_jt = seq[self.history_feature]
-        hist = _jagged_to_padded(hist_jt, self.max_history)
-        mask = _padding_mask(hist_jt, self.max_history)
-        interest = self.attention(target, hist, mask)
+        values, lengths = _values_lengths(seq[self.history_feature])
+        interest = self.attention.forward_jagged(target, values, lengths, self.max_history)
         dense = self.dense_arch(dense_features)
         return self.over_arch(torch.cat([pooled, target, interest, dense], dim=1))

@@ -1,5 +1,7 @@
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torchrec.fx
 
 from torchrec_mm.models.rankers import (
@@ -45,23 +47,48 @@ def test_unknown_kind_is_rejected():
         RankerConfig.from_dict({"kind": "dlrm", "layers": 3})
 
 
-def test_target_attention_matches_loop_reference():
-    torch.manual_seed(0)
-    att = TargetAttention(4, [8])
-    B, T, D = 5, 6, 4
-    target, seq = torch.randn(B, D), torch.randn(B, T, D)
-    lengths = torch.tensor([0, 1, 3, 6, 2])
-    mask = torch.arange(T)[None, :] < lengths[:, None]
-    out = att(target, seq, mask)
-    for b in range(B):
-        n = int(lengths[b])
-        if n == 0:
-            assert torch.allclose(out[b], torch.zeros(D))
+def _din_reference(att, target, seq_rows, lengths, max_len):
+    """Per-sample DIN attention with the concatenated [h, t, h - t, h * t] input."""
+    out, start = [], 0
+    for b, n in enumerate(lengths.tolist()):
+        h = seq_rows[start:start + n][:max_len]
+        start += n
+        if h.shape[0] == 0:
+            out.append(torch.zeros(target.shape[1]))
             continue
-        h = seq[b, :n]
-        t = target[b].expand(n, D)
+        t = target[b].expand_as(h)
         w = torch.softmax(att.mlp(torch.cat([h, t, h - t, h * t], 1)).squeeze(1), 0)
-        assert torch.allclose(out[b], (w[:, None] * h).sum(0), atol=1e-6)
+        out.append((w[:, None] * h).sum(0))
+    return torch.stack(out)
+
+
+@settings(max_examples=25, deadline=None)
+@given(lengths=st.lists(st.integers(0, 9), min_size=1, max_size=6),
+       max_len=st.integers(1, 10), dim=st.sampled_from([2, 4, 6]), seed=st.integers(0, 99))
+def test_target_attention_matches_concat_reference(lengths, max_len, dim, seed):
+    """The expanded first layer (padded and jagged forms) gives the concatenated-input
+    DIN unit's outputs and gradients, incl. empty rows and rows cut to max_len."""
+    torch.manual_seed(seed)
+    att = TargetAttention(dim, [8, 4])
+    lengths = torch.tensor(lengths)
+    target = torch.randn(len(lengths), dim, requires_grad=True)
+    rows = torch.randn(int(lengths.sum()), dim, requires_grad=True)
+    ref = _din_reference(att, target, rows, lengths, max_len)
+    jag = att.forward_jagged(target, rows, lengths, max_len)
+    padded = torch.ops.fbgemm.jagged_to_padded_dense(
+        rows, [torch.ops.fbgemm.asynchronous_complete_cumsum(lengths)], [max_len], 0.0)
+    mask = torch.arange(max_len)[None, :] < lengths.clamp(max=max_len)[:, None]
+    pad = att(target, padded, mask)
+    torch.testing.assert_close(jag, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pad, ref, atol=1e-5, rtol=1e-5)
+    if rows.numel() == 0:
+        return
+    g = torch.randn_like(ref)
+    inputs = [target, rows] + list(att.parameters())
+    grads_ref = torch.autograd.grad((ref * g).sum(), inputs)
+    grads_jag = torch.autograd.grad((jag * g).sum(), inputs)
+    for a, b in zip(grads_jag, grads_ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["dlrm", "target_attention"])
