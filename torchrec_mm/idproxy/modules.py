@@ -129,12 +129,25 @@ class IDProxyConfig:
 
 @torch.fx.wrap
 def _distinct_rows(ids: torch.Tensor, num_items: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """ids [n] -> (index [n], rows [u]) with ``rows[index] == ids``: the distinct ids
-    (sorted) when n < num_items / 2, else all items (``index = ids``, no sort)."""
-    if ids.numel() * 2 >= num_items:
-        return ids, torch.arange(num_items, device=ids.device)
+    """ids [n] -> (index [n], rows [u]) with ``rows[index] == ids``, ``rows`` the
+    distinct ids, sorted. When n is not small against the catalogue (4n >= N) they are
+    found with a mark table over the catalogue (O(n + N), no sort), else by a sort."""
+    if ids.numel() * 4 >= num_items:
+        mark = torch.zeros(num_items, dtype=torch.bool, device=ids.device)
+        mark[ids] = True
+        position = torch.cumsum(mark, 0) - 1
+        return position[ids], mark.nonzero().squeeze(1)
     uniq, inverse = torch.unique(ids, return_inverse=True)
     return inverse, uniq
+
+
+@torch.fx.wrap
+def _zero_absent(rows: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """rows [u, c] with the rows of absent items (``present`` [u] False) zeroed
+    (returned as is when every item is present)."""
+    if bool(present.all()):
+        return rows
+    return rows * present.unsqueeze(1).to(rows.dtype)
 
 
 INPUT_TABLE = "t_idproxy_inputs"
@@ -336,10 +349,20 @@ class FineProxy(nn.Module):
         pc, z, present = self.lookup(rows)
         return pc, self._fine(pc, z), present
 
-    def _fine(self, pc: torch.Tensor, z_in: torch.Tensor) -> torch.Tensor:
+    def gated(self, pc: torch.Tensor, z_in: torch.Tensor) -> torch.Tensor:
+        """The non-linear part of p_fine, ``r ⊙ p_raw_fine`` [u, d], from p_coarse
+        [u, d] and the adaptor's inputs [u, G*r]. ``p_fine = coarse_map(pc) + gated``:
+        the linear part commutes with pooling, so a pooled history applies
+        ``coarse_map`` once to the pooled p_coarse instead of once per item."""
         raw = self.adaptor(z_in)
-        r = torch.sigmoid(self.gate(torch.cat([pc, raw], dim=1)))
-        return self.coarse_map(pc) + r * raw
+        # W_g [pc, raw] as two products: no gradient is computed for the frozen pc
+        w_pc, w_raw = self.gate.weight.split(self.dim, dim=1)
+        r = torch.sigmoid(nn.functional.linear(pc, w_pc)
+                          + nn.functional.linear(raw, w_raw, self.gate.bias))
+        return r * raw
+
+    def _fine(self, pc: torch.Tensor, z_in: torch.Tensor) -> torch.Tensor:
+        return self.coarse_map(pc) + self.gated(pc, z_in)
 
     def fine_of(self, p_coarse: torch.Tensor, z_groups: torch.Tensor) -> torch.Tensor:
         """p_fine [n, d] of items *outside* the buffers (new items) from their
@@ -399,12 +422,11 @@ def _seq_values(seq: Dict[str, JaggedTensor], key: str) -> torch.Tensor:
 
 
 @torch.fx.wrap
-def _replace_seq(seq: Dict[str, JaggedTensor], keys: List[str], values: torch.Tensor,
-                 first: int) -> Dict[str, JaggedTensor]:
-    """New dict, same keys; ``values`` holds keys[0]'s rows then keys[1]'s."""
+def _replace_seq(seq: Dict[str, JaggedTensor], keys: List[str], values: List[torch.Tensor]
+                 ) -> Dict[str, JaggedTensor]:
+    """New dict, same keys; ``values[i]`` are the new rows of ``keys[i]``."""
     out: Dict[str, JaggedTensor] = dict(seq)
-    parts = [values[:first], values[first:]]
-    for k, v in zip(keys, parts):
+    for k, v in zip(keys, values):
         jt = seq[k]
         out[k] = JaggedTensor(values=v, lengths=jt.lengths(), offsets=jt.offsets())
     return out
@@ -511,17 +533,33 @@ class _ProxySource(nn.Module):
         """Columns of :meth:`rows`' table: 2d with the fine proxy, d without."""
         return 2 * self.dim if self.fine is not None else self.dim
 
+    def parts(self, ids: torch.Tensor
+              ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+        """ids [n] → (index [n], p_coarse [u, d], gated [u, d] or None, present [u]):
+        row ``index[i]`` belongs to item ``ids[i]``; ``p_fine = fine_map(p_coarse) +
+        gated`` (:meth:`fine_map`); both zero for items without content (``present``
+        False). ``gated`` is None without the fine proxy."""
+        index, rows = _distinct_rows(ids, self._num_items)
+        if self.fine is None:
+            pc, present = self.coarse(rows)
+            return index, _zero_absent(pc, present), None, present
+        pc, z, present = self.fine.lookup(rows)
+        return (index, _zero_absent(pc, present),
+                _zero_absent(self.fine.gated(pc, z), present), present)
+
+    def fine_map(self, p_coarse: torch.Tensor) -> torch.Tensor:
+        """The linear part of p_fine (``W_c p_coarse``), [.., d] -> [.., d]."""
+        assert self.fine is not None
+        return self.fine.coarse_map(p_coarse)
+
     def rows(self, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """ids [n] → (index [n], table [u, width], present [u] bool): row ``index[i]``
         of the table is ``concat(p_coarse, p_fine)`` (or ``p_coarse``) of item
         ``ids[i]``, zero for items without content (``present`` False)."""
-        if self.fine is None:
-            index, rows = _distinct_rows(ids, self._num_items)
-            table, present = self.coarse(rows)
-        else:
-            index, rows, pc, pf, present = self.fine.rows(ids)
-            table = torch.cat([pc, pf], dim=1)
-        return index, table * present.unsqueeze(1).to(table.dtype), present
+        index, pc, gated, present = self.parts(ids)
+        if gated is None:
+            return index, pc, present
+        return index, torch.cat([pc, self.fine_map(pc) + gated], dim=1), present
 
     def proxy_rows(self, ids: torch.Tensor
                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -576,15 +614,19 @@ class IDProxyEmbeddingCollection(nn.Module):
         h_ids, _ = _feature_ids(features, self.keys[1])
         t_ids = _check_ids(t_ids, n_items, self.table_name, self.keys[0])
         h_ids = _check_ids(h_ids, n_items, self.table_name, self.keys[1])
+        n_t = t_ids.shape[0]
         ids = torch.cat([t_ids, h_ids])
-        emb = torch.cat([_seq_values(seq, self.keys[0]), _seq_values(seq, self.keys[1])])
+        emb_t, emb_h = _seq_values(seq, self.keys[0]), _seq_values(seq, self.keys[1])
         if self.config.mode == "augment":
             index, table, _ = self.source.rows(ids)
-            values = torch.cat([emb, table[index]], dim=1)
+            values_t = torch.cat([emb_t, table.index_select(0, index[:n_t])], dim=1)
+            values_h = torch.cat([emb_h, table.index_select(0, index[n_t:])], dim=1)
         else:
             index, table, use = self.source.proxy_rows(ids)
-            values = torch.where(use.unsqueeze(1), table[index], emb)
-        return _replace_seq(seq, self.keys, values, t_ids.shape[0])
+            use = use.unsqueeze(1)
+            values_t = torch.where(use[:n_t], table.index_select(0, index[:n_t]), emb_t)
+            values_h = torch.where(use[n_t:], table.index_select(0, index[n_t:]), emb_h)
+        return _replace_seq(seq, self.keys, [values_t, values_h])
 
 
 class IDProxyEmbeddingBagCollection(nn.Module):
@@ -647,15 +689,19 @@ class IDProxyEmbeddingBagCollection(nn.Module):
         t_ids = _check_ids(t_ids, n_items, self.table_name, self.keys[0])
         h_ids = _check_ids(h_ids, n_items, self.table_name, self.keys[1])
         n_t = t_ids.shape[0]
-        d = self.source.dim
         if self.config.mode in ("augment", "feature"):
             kt = self.embedding_bag_collection(features)
-            index, table, _ = self.source.rows(torch.cat([t_ids, h_ids]))
-            target = table[index[:n_t]]
-            hist = jagged.gather_pool(table, index[n_t:], h_len, "mean")
-            extra = [target[:, :d], hist[:, :d]] if self.config.use_fine is False else \
-                [target[:, :d], target[:, d:], hist[:, :d], hist[:, d:]]
-            return _rebuild_kt(kt, {}, self.extra_keys, extra)
+            index, pc, gated, _ = self.source.parts(torch.cat([t_ids, h_ids]))
+            # p_coarse is frozen: its pooling has no backward
+            t_pc = pc.index_select(0, index[:n_t])
+            h_pc = jagged.gather_pool(pc, index[n_t:], h_len, "mean")
+            if gated is None:
+                return _rebuild_kt(kt, {}, self.extra_keys, [t_pc, h_pc])
+            # p_fine = W_c p_coarse + gated, W_c linear: pooled once, after the mean
+            t_pf = self.source.fine_map(t_pc) + gated.index_select(0, index[:n_t])
+            h_pf = self.source.fine_map(h_pc) + \
+                jagged.gather_pool(gated, index[n_t:], h_len, "mean")
+            return _rebuild_kt(kt, {}, self.extra_keys, [t_pc, t_pf, h_pc, h_pf])
         index, table, use = self.source.proxy_rows(torch.cat([t_ids, h_ids]))
         h_use = use[n_t:]
         kt = self.embedding_bag_collection(
