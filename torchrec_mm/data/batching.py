@@ -177,7 +177,8 @@ def build_batch(layout: FeatureLayout, users: np.ndarray, items: np.ndarray,
     hour = (np.asarray(timestamps) % 86400) / 3600.0
     angle = 2 * math.pi * hour / 24.0
     dense = np.stack(
-        [np.log1p(hist_lengths) / math.log1p(layout.history_length),
+        # history fill in [0, 1] (0 without history features: history_length 0)
+        [np.log1p(hist_lengths) / (math.log1p(layout.history_length) or 1.0),
          np.sin(angle), np.cos(angle)], axis=1).astype(np.float32)
     return Batch(
         dense_features=torch.from_numpy(dense),

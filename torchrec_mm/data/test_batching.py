@@ -114,3 +114,13 @@ def test_dataloader_workers_keep_order():
     workers = [b.item_ids for b in DataLoader(ds, batch_size=None, num_workers=2)]
     assert len(plain) == len(workers)
     assert all(torch.equal(a, b) for a, b in zip(plain, workers))
+
+
+def test_no_history_gives_finite_features():
+    """history_length 0 (no history feature values): the history-fill dense feature is
+    0, not 0/0."""
+    s = _samples(50, 4, 10, 0, 1)
+    batch = s.make_batch(np.arange(20))
+    assert torch.isfinite(batch.dense_features).all()
+    assert (batch.dense_features[:, 0] == 0).all()
+    assert int(batch.sparse_features["hist_item_id"].lengths().sum()) == 0
