@@ -244,6 +244,15 @@ def test_resume_equals_uninterrupted(env):
     # a different setting cannot resume that directory
     with pytest.raises(ValueError, match="other settings"):
         train_redrec(_cfg(env, "resumed", **{**kw, "window": 3}))
+    # nor can a shorter run (it would report the longer one as its own)
+    with pytest.raises(ValueError, match="more than the"):
+        train_redrec(_cfg(env, "resumed", **{**kw, "epochs": 1}))
+    # a config.json written before an option existed still resumes (defaults added)
+    path = env["root"] / "resumed" / "config.json"
+    stored = json.loads(path.read_text())
+    del stored["eval_seed"]
+    path.write_text(json.dumps(stored))
+    assert train_redrec(_cfg(env, "resumed", **kw))["steps"] == full["steps"]
 
 
 def test_planted_topic_signal_beats_random_tower(env):

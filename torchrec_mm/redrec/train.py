@@ -674,10 +674,19 @@ def evaluate_redrec(model: nn.Module, cfg: RedRecConfig, ctx: DistContext,
 # --------------------------------------------------------------------------- training
 
 
+def normalized_redrec_config(raw: Dict[str, Any]) -> Dict[str, Any]:
+    """A stored RED-Rec run configuration with the defaults of options added since it
+    was written; as stored when it no longer parses."""
+    try:
+        return json.loads(json.dumps(RedRecConfig.from_dict(dict(raw)).to_dict()))
+    except (TypeError, ValueError):
+        return raw
+
+
 def _check_resumable(cfg: RedRecConfig) -> None:
     from torchrec_mm.training.trainer import _check_resumable as check
 
-    check(cfg)  # type: ignore[arg-type]  # duck-typed: out, to_dict()
+    check(cfg, normalized_redrec_config)  # type: ignore[arg-type]  # duck-typed
 
 
 def _mean_across(value: float, ctx: DistContext) -> float:
@@ -729,6 +738,10 @@ def run_rank(cfg: RedRecConfig, ctx: DistContext) -> Dict[str, Any]:
                          f"{ctx.world_size} rank(s)")
     total = steps_per_epoch * cfg.epochs
     total = min(total, cfg.max_steps) if cfg.max_steps else total
+    if start_step > total:
+        raise ValueError(f"{cfg.out} holds a run trained for {start_step} steps, more than "
+                         f"the {total} of this configuration (epochs {cfg.epochs}, max_steps "
+                         f"{cfg.max_steps}): use another --out or --no-resume")
     probs = negative_distribution(train_log, num_items, cfg)
     inner = _inner(model)
 

@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -264,13 +264,16 @@ def normalized_config(raw: Dict[str, Any]) -> Dict[str, Any]:
     return json.loads(json.dumps(cfg.to_dict()))
 
 
-def _check_resumable(cfg: TrainConfig) -> None:
-    """Refuses to resume a run directory written with another configuration."""
+def _check_resumable(cfg: TrainConfig,
+                     normalize: Callable[[Dict[str, Any]], Dict[str, Any]] = normalized_config
+                     ) -> None:
+    """Refuses to resume a run directory written with another configuration (the stored
+    one read through ``normalize``: defaults of options added since it was written)."""
     path = os.path.join(cfg.out, "config.json")
     if not os.path.exists(path):
         return
     with open(path) as f:
-        old = normalized_config(json.load(f))
+        old = normalize(json.load(f))
     new = json.loads(json.dumps(cfg.to_dict()))
     diff = sorted(k for k in set(old) | set(new)
                   if k not in _RESUMABLE_CHANGES and old.get(k) != new.get(k))
