@@ -35,6 +35,9 @@ def register(subparsers: Any) -> None:
     f.add_argument("--table-file", default=None,
                    help="safetensors file holding the item-ID table (instead of --run)")
     f.add_argument("--table-key", default=None, help="tensor name in --table-file")
+    f.add_argument("--last-epoch", action="store_true",
+                   help="proxies from the last epoch (default: the epoch with the best "
+                        "held-out recall)")
     f.add_argument("--no-progress", action="store_true", help="no progress bars")
     f.set_defaults(func=_fit)
 
@@ -51,7 +54,7 @@ def _fit(args: argparse.Namespace) -> int:
         model_path=args.model, trainable_layers=args.trainable_layers, hidden=args.hidden,
         temperature=args.temperature, lr_encoder=args.lr_encoder, lr_head=args.lr_head,
         batch_size=args.batch_size, epochs=args.epochs, max_length=args.max_length,
-        seed=args.seed, tau=args.tau)
+        seed=args.seed, tau=args.tau, select_best=not args.last_epoch)
     metrics = fit_coarse(args.data, args.run, args.out, config, progress=not args.no_progress,
                          table_file=args.table_file, table_key=args.table_key)
     print(format_metrics(metrics))

@@ -70,6 +70,10 @@ class CoarseFitConfig:
         group_sample: items sampled to compute the layer groups (0: equal split).
         basis_rank: principal components per layer group saved with the states
             (``z_basis``), from which the stage-2 adaptor takes its ``z_rank``.
+        select_best: the proxies (and the model ``load_coarse_model`` returns) come
+            from the epoch with the best held-out recall@max(recall_ks), not
+            necessarily the last (the alignment overfits the training items of a small
+            catalogue: training loss keeps falling while held-out recall turns down).
     """
 
     model_path: Optional[str] = None
@@ -89,6 +93,7 @@ class CoarseFitConfig:
     eval_batch_size: int = 64
     group_sample: int = 256
     basis_rank: int = 64
+    select_best: bool = True
 
     def __post_init__(self) -> None:
         self.recall_ks = tuple(int(k) for k in self.recall_ks)
@@ -216,6 +221,7 @@ def _state_fingerprint(config: CoarseFitConfig, targets: ItemTargets, n_items: i
     d = config.to_dict()
     d.pop("epochs")
     d.pop("eval_batch_size")
+    d.pop("select_best", None)
     h = hashlib.sha256(json.dumps(d, sort_keys=True).encode())
     h.update(targets.item_ids.numpy().tobytes())
     h.update(targets.embeddings.numpy().tobytes())
@@ -370,8 +376,12 @@ def fit_coarse(data_dir: str, run_dir: Optional[str], out_dir: str,
     state_root = os.path.join(out_dir, FIT_STATE_DIR)
     progress_state: Dict[str, Any] = {"epoch": 0, "epochs": [], "fingerprint": fingerprint}
     saved = resume_fit_state(state_root, fingerprint, model, optimizer, "a fit", "targets")
+    select_key = f"recall@{max(ks)}"
+    # the trainable parameters of the best epoch so far (None: the current ones)
+    best: Optional[Dict[str, torch.Tensor]] = None
     if saved is not None:
         progress_state = saved
+        best = _saved_best(state_root)
     else:
         progress_state["epochs"].append({"epoch": 0, **evaluate()})
 
@@ -405,8 +415,14 @@ def fit_coarse(data_dir: str, run_dir: Optional[str], out_dir: str,
         progress_state["epoch"] = epoch
         progress_state["epochs"].append({"epoch": epoch, "loss": float(np.mean(losses)),
                                          "steps": len(losses), **evaluate()})
+        params = {n: p.detach() for n, p in model.trainable_named_parameters()}
+        best_epoch = int(progress_state.get("best_epoch", 0))
+        if epoch == 1 or progress_state["epochs"][-1][select_key] > \
+                progress_state["epochs"][best_epoch][select_key]:
+            progress_state["best_epoch"] = epoch
+            best = {n: p.clone() for n, p in params.items()}
         ckpt.save_checkpoint(state_root, epoch, {
-            "params": {n: p.detach() for n, p in model.trainable_named_parameters()},
+            "params": params, "best": best if best is not None else params,
             "optimizer": optimizer.state_dict(), "progress": progress_state})
         epochs_run += 1
         logger.info("epoch %d: %s", epoch, progress_state["epochs"][-1])
@@ -426,6 +442,16 @@ def fit_coarse(data_dir: str, run_dir: Optional[str], out_dir: str,
     if progress_state["epoch"] < config.epochs:
         metrics["complete"] = False
         return metrics
+    if config.select_best and best is not None:
+        selected = int(progress_state["best_epoch"])
+        with torch.no_grad():
+            for name, p in model.trainable_named_parameters():
+                p.copy_(best[name])
+        metrics["final"] = progress_state["epochs"][selected]
+        logger.info("proxies from epoch %d (best held-out %s)", selected, select_key)
+    else:
+        selected = int(progress_state["epoch"])
+    metrics["selected_epoch"] = selected
 
     # -------------------------------------------------------- every item's proxies
     t_enc = time.time()
@@ -462,10 +488,21 @@ def fit_coarse(data_dir: str, run_dir: Optional[str], out_dir: str,
                           "max_length": encoder.max_length,
                           "layer_groups": grouping["layer_groups"]},
               "temperature": config.temperature,
+              "selected_epoch": selected if config.select_best else None,
               "metrics": {"baseline": metrics["baseline"], "final": metrics["final"],
                           "chance": metrics["chance"]}}))
     write_json(os.path.join(out_dir, METRICS_FILE), metrics)
     return metrics
+
+
+def _saved_best(state_root: str) -> Optional[Dict[str, torch.Tensor]]:
+    """The ``/best/`` parameters of the latest fit checkpoint (None if it has none)."""
+    latest = ckpt.latest_checkpoint(state_root)
+    if latest is None:
+        return None
+    _, _, tensors = ckpt.read_checkpoint(latest)
+    best = {k[len("/best/"):]: v for k, v in tensors.items() if k.startswith("/best/")}
+    return best or None
 
 
 def load_coarse_model(out_dir: str, device: str = "cpu") -> CoarseProxyModel:
@@ -477,7 +514,8 @@ def load_coarse_model(out_dir: str, device: str = "cpu") -> CoarseProxyModel:
         p_coarse = model.head(out.pooled)            # [n, d]
 
     The encoder is rebuilt from ``proxies.json`` (model path, max length, layer
-    groups) and its trained parameters (and ``φ``) come from ``fit_state/``.
+    groups) and its trained parameters (and ``φ``) come from ``fit_state/``: those of
+    the epoch the proxies were written from (``select_best``), else the last.
     """
     from torchrec_mm.idproxy.artifacts import META_FILE
 
@@ -491,7 +529,9 @@ def load_coarse_model(out_dir: str, device: str = "cpu") -> CoarseProxyModel:
     if latest is None:
         raise FileNotFoundError(f"{out_dir}/{FIT_STATE_DIR} has no checkpoint")
     _, _, tensors = ckpt.read_checkpoint(latest)
-    params = {k[len("/params/"):]: v for k, v in tensors.items() if k.startswith("/params/")}
+    prefix = "/best/" if meta.get("selected_epoch") is not None and any(
+        k.startswith("/best/") for k in tensors) else "/params/"
+    params = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     encoder = ContentEncoder(ContentEncoderConfig(
         model_path=enc_info.get("model_path"), max_length=int(enc_info.get("max_length", 128)),
         layer_groups=enc_info.get("layer_groups"), device=device))
@@ -519,4 +559,6 @@ def format_metrics(metrics: Dict[str, Any]) -> str:
         loss = f"loss {e['loss']:.4f}  " if "loss" in e else "(before training)  "
         lines.append(f"epoch {e['epoch']}: {loss}" + "  ".join(f"{k} {e[k]:.3f}" for k in keys))
     lines.append("chance: " + "  ".join(f"{k} {metrics['chance'][k]:.3f}" for k in keys))
+    if metrics.get("selected_epoch") is not None:
+        lines.append(f"proxies from epoch {metrics['selected_epoch']}")
     return "\n".join(lines)

@@ -2,6 +2,7 @@
 MiniLM, resume, the artefact and the CLI."""
 
 import argparse
+import itertools
 import json
 import os
 
@@ -211,6 +212,41 @@ def test_resume_matches_uninterrupted(data_run, tiny_llama, tmp_path):
     with pytest.raises(FileExistsError, match="other settings"):
         fit_coarse(data, None, out, CoarseFitConfig(**{**cfg.to_dict(), "temperature": 0.5}),
                    progress=False, targets=targets)
+
+
+def test_proxies_come_from_the_best_epoch(data_run, tiny_llama, tmp_path, monkeypatch):
+    """select_best: held-out recall peaks at epoch 1 of 2 (a scripted recall) -> the
+    artefact and the reloadable model are those of a 1-epoch fit; --last-epoch keeps
+    epoch 2."""
+    import torchrec_mm.idproxy.coarse as coarse
+
+    data, _ = data_run
+    targets = planted_targets(data)
+    cfg = CoarseFitConfig(model_path=tiny_llama, trainable_layers=-1, epochs=2, batch_size=32,
+                          lr_encoder=1e-3, max_length=64, hidden=32, group_sample=8)
+    scripted = itertools.cycle([0.1, 0.9, 0.2])  # epochs 0, 1, 2 of each fit
+    monkeypatch.setattr(coarse, "recall_at_k", lambda h, own, t, ks: {
+        f"recall@{k}": next(scripted) if k == max(ks) else 0.0 for k in ks})
+    best = fit_coarse(data, None, str(tmp_path / "best"), cfg, progress=False, targets=targets)
+    last = fit_coarse(data, None, str(tmp_path / "last"),
+                      CoarseFitConfig(**{**cfg.to_dict(), "select_best": False}),
+                      progress=False, targets=targets)
+    one = fit_coarse(data, None, str(tmp_path / "one"),
+                     CoarseFitConfig(**{**cfg.to_dict(), "epochs": 1}), progress=False,
+                     targets=targets)
+    assert best["selected_epoch"] == 1 and best["final"]["epoch"] == 1
+    assert last["selected_epoch"] == 2
+    p_best, p_last, p_one = (load_proxies(str(tmp_path / n)).p_coarse
+                             for n in ("best", "last", "one"))
+    torch.testing.assert_close(p_best, p_one, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(p_best, p_last, atol=1e-3)
+    from torchrec_mm.content.encode_job import read_items
+
+    model = coarse.load_coarse_model(str(tmp_path / "best"))
+    texts = read_items(data).texts
+    with torch.no_grad():
+        p = model.head(model.encoder.encode_texts([texts[i] for i in (0, 5, 200)]).pooled)
+    torch.testing.assert_close(p, p_best[[0, 5, 200]], rtol=1e-4, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- CLI
