@@ -105,11 +105,10 @@ LM_MARKER = "truncation.json"
 
 
 def protocol_config(cfg: RedRecConfig) -> ProtocolConfig:
-    """The :class:`ProtocolConfig` of a RED-Rec configuration's evaluation (the mapping
-    of :func:`~torchrec_mm.redrec.train.evaluate_redrec`)."""
-    return ProtocolConfig(num_targets=cfg.eval_num_targets, pool_size=cfg.eval_pool_size,
-                          ks=cfg.eval_ks, seed=cfg.eval_seed, min_history=cfg.min_history,
-                          max_users=cfg.eval_max_users)
+    """The :class:`ProtocolConfig` a RED-Rec configuration evaluates on
+    (:meth:`RedRecConfig.protocol`, what :func:`~torchrec_mm.redrec.train.evaluate_redrec`
+    uses)."""
+    return cfg.protocol()
 
 
 def metric_names(ks: Sequence[int]) -> List[str]:

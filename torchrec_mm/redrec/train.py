@@ -311,6 +311,12 @@ class RedRecConfig:
     def resolved_eval_last_n(self) -> int:
         return self.eval_last_n or self.last_n - self.window
 
+    def protocol(self) -> ProtocolConfig:
+        """The evaluation protocol (§4.3) of this configuration's ``eval_*`` fields."""
+        return ProtocolConfig(num_targets=self.eval_num_targets, pool_size=self.eval_pool_size,
+                              ks=self.eval_ks, seed=self.eval_seed,
+                              min_history=self.min_history, max_users=self.eval_max_users)
+
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -649,9 +655,7 @@ def evaluate_redrec(model: nn.Module, cfg: RedRecConfig, ctx: DistContext,
     split = load_split(cfg.data)
     part = split.assign(log.item, log.timestamp)
     target_rows = np.isin(part, np.array(EVAL_SPLITS[cfg.eval_split], dtype=part.dtype))
-    pcfg = ProtocolConfig(num_targets=cfg.eval_num_targets, pool_size=cfg.eval_pool_size,
-                          ks=cfg.eval_ks, seed=cfg.eval_seed, min_history=cfg.min_history,
-                          max_users=cfg.eval_max_users)
+    pcfg = cfg.protocol()
     num_items = _inner(model).tower.config.num_items
     cases = make_eval_cases(log.user_offsets, log.item, log.timestamp, num_items, pcfg,
                             target_rows=target_rows)
