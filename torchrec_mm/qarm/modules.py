@@ -37,19 +37,14 @@ from torchrec_mm.models.target_attention import TargetAttention
 
 
 @torch.fx.wrap
-def _items_padded(jt: JaggedTensor, codes_per_item: int, max_len: int
+def _items_jagged(jt: JaggedTensor, codes_per_item: int
                   ) -> "tuple[torch.Tensor, torch.Tensor]":
     """Code embeddings of a jagged row of items ([sum(len)*C, d] values, lengths a
-    multiple of C) → item vectors padded [B, max_len, d] and mask [B, max_len]."""
+    multiple of C) → item vectors [sum(len), d] (sum of each item's C codes) and the
+    items per row [B]."""
     values = jt.values()
-    d = values.shape[1]
-    items = values.reshape(-1, codes_per_item, d).sum(dim=1)
-    lengths = torch.div(jt.lengths(), codes_per_item, rounding_mode="floor")
-    offsets = torch.zeros(lengths.numel() + 1, dtype=torch.long, device=values.device)
-    offsets[1:] = torch.cumsum(lengths.long(), 0)
-    padded = torch.ops.fbgemm.jagged_to_padded_dense(items, [offsets], [max_len], 0.0)
-    mask = torch.arange(max_len, device=values.device)[None, :] < lengths.clamp(max=max_len)[:, None]
-    return padded, mask
+    items = values.reshape(-1, codes_per_item, values.shape[1]).sum(dim=1)
+    return items, torch.div(jt.lengths(), codes_per_item, rounding_mode="floor")
 
 
 @torch.fx.wrap
@@ -119,6 +114,6 @@ class QARMCrossCollection(nn.Module):
         target = _item_vector(seq[self.target_key], self.num_rq_levels)
         out: List[torch.Tensor] = []
         for key, unit in zip(self.match_keys, self.attention):
-            items, mask = _items_padded(seq[key], self.num_rq_levels, self.max_len)
-            out.append(unit(target, items, mask))
+            items, lengths = _items_jagged(seq[key], self.num_rq_levels)
+            out.append(unit.forward_jagged(target, items, lengths, self.max_len))
         return _append(kt, self.out_keys, out)
