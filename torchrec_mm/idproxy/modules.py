@@ -552,14 +552,22 @@ class _ProxySource(nn.Module):
         assert self.fine is not None
         return self.fine.coarse_map(p_coarse)
 
+    def slot_tables(self, ids: torch.Tensor
+                    ) -> Tuple[torch.Tensor, List[torch.Tensor], torch.Tensor]:
+        """ids [n] → (index [n], [p_coarse [u, d], p_fine [u, d]] (``[p_coarse]``
+        without the fine proxy), present [u] bool): row ``index[i]`` of each table
+        belongs to item ``ids[i]``; zero rows for items without content."""
+        index, pc, gated, present = self.parts(ids)
+        if gated is None:
+            return index, [pc], present
+        return index, [pc, self.fine_map(pc) + gated], present
+
     def rows(self, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """ids [n] → (index [n], table [u, width], present [u] bool): row ``index[i]``
         of the table is ``concat(p_coarse, p_fine)`` (or ``p_coarse``) of item
         ``ids[i]``, zero for items without content (``present`` False)."""
-        index, pc, gated, present = self.parts(ids)
-        if gated is None:
-            return index, pc, present
-        return index, torch.cat([pc, self.fine_map(pc) + gated], dim=1), present
+        index, tables, present = self.slot_tables(ids)
+        return index, torch.cat(tables, dim=1) if len(tables) > 1 else tables[0], present
 
     def proxy_rows(self, ids: torch.Tensor
                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -618,9 +626,11 @@ class IDProxyEmbeddingCollection(nn.Module):
         ids = torch.cat([t_ids, h_ids])
         emb_t, emb_h = _seq_values(seq, self.keys[0]), _seq_values(seq, self.keys[1])
         if self.config.mode == "augment":
-            index, table, _ = self.source.rows(ids)
-            values_t = torch.cat([emb_t, table.index_select(0, index[:n_t])], dim=1)
-            values_h = torch.cat([emb_h, table.index_select(0, index[n_t:])], dim=1)
+            # per table: the frozen p_coarse's gather has no backward
+            index, tables, _ = self.source.slot_tables(ids)
+            i_t, i_h = index[:n_t], index[n_t:]
+            values_t = torch.cat([emb_t] + [t.index_select(0, i_t) for t in tables], dim=1)
+            values_h = torch.cat([emb_h] + [t.index_select(0, i_h) for t in tables], dim=1)
         else:
             index, table, use = self.source.proxy_rows(ids)
             use = use.unsqueeze(1)
