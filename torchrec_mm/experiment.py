@@ -41,7 +41,7 @@ import copy
 import json
 import os
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import yaml
@@ -62,6 +62,30 @@ def register_step(name: str) -> Callable[[Callable[..., Dict[str, Any]]],
         return fn
 
     return deco
+
+
+def spec_values(data: str, out: str) -> Dict[str, str]:
+    """What ``{prepare}`` and ``{data}`` in a spec stand for (absolute paths)."""
+    return {"prepare": os.path.abspath(os.path.join(out, "prepare")),
+            "data": os.path.abspath(data)}
+
+
+def run_prepare_steps(spec: Dict[str, Any], data: str, out: str
+                      ) -> Tuple[Dict[str, Any], Dict[str, float]]:
+    """Runs a spec's ``prepare`` steps in order (each writes ``OUT/prepare/<name>``
+    and reuses what it finished before): ``({name: step result}, {"prepare/<name>":
+    seconds})``."""
+    values = spec_values(data, out)
+    prepared: Dict[str, Any] = {}
+    timings: Dict[str, float] = {}
+    for step in spec.get("prepare") or []:
+        t = time.time()
+        options = _substitute(step.get("options") or {}, values)
+        prepared[step["name"]] = _get_step(step["step"])(
+            data, os.path.join(values["prepare"], step["name"]), options,
+            spec.get("train") or {})
+        timings[f"prepare/{step['name']}"] = time.time() - t
+    return prepared, timings
 
 
 def _get_step(name: str) -> Callable[..., Dict[str, Any]]:
@@ -192,16 +216,8 @@ def run_experiment(spec_path: str, data: str, out: str,
 
         return run_retrieval_experiment(spec, spec_path, data, out, only)
     os.makedirs(out, exist_ok=True)
-    prepare_dir = os.path.join(out, "prepare")
-    values = {"prepare": os.path.abspath(prepare_dir), "data": os.path.abspath(data)}
-    timings: Dict[str, float] = {}
-    prepared: Dict[str, Any] = {}
-    for step in spec.get("prepare") or []:
-        t = time.time()
-        options = _substitute(step.get("options") or {}, values)
-        prepared[step["name"]] = _get_step(step["step"])(
-            data, os.path.join(prepare_dir, step["name"]), options, spec["train"])
-        timings[f"prepare/{step['name']}"] = time.time() - t
+    values = spec_values(data, out)
+    prepared, timings = run_prepare_steps(spec, data, out)
     results: Dict[str, Any] = {}
     curves: Dict[str, Any] = {}
     for variant, overrides in spec["variants"].items():

@@ -65,7 +65,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from torchrec_mm.experiment import _get_step, _substitute, register_step
+from torchrec_mm.experiment import _substitute, register_step, run_prepare_steps, spec_values
 from torchrec_mm.redrec.protocol import ProtocolConfig
 from torchrec_mm.redrec.sasrec import SASRecConfig, train_sasrec
 from torchrec_mm.redrec.train import RedRecConfig, train_redrec
@@ -149,12 +149,8 @@ def run_redrec(cfg: RedRecConfig) -> Dict[str, Any]:
     """``train_metrics.json`` of ``cfg.out`` if it holds a finished run of the same
     configuration (with its evaluation when ``cfg.evaluate``), else
     :func:`~torchrec_mm.redrec.train.train_redrec` (which resumes from the last
-    checkpoint; a run of other settings is refused, except ``epochs`` / ``max_steps``).
-
-    Raises:
-        ValueError: ``cfg.out`` holds a finished run trained for more steps than ``cfg``
-            asks for (resuming would evaluate the longer run under this configuration).
-    """
+    checkpoint; a run of other settings is refused, except ``epochs`` / ``max_steps``,
+    and so is a checkpoint that trained longer than ``cfg`` asks for)."""
     done = os.path.join(cfg.out, "train_metrics.json")
     if os.path.exists(done):
         with open(done) as f:
@@ -162,14 +158,6 @@ def run_redrec(cfg: RedRecConfig) -> Dict[str, Any]:
         if old.get("config") == _canonical(cfg.to_dict()) and (
                 old.get("eval") or not cfg.evaluate):
             return old
-        per_epoch = int(old.get("steps_per_epoch") or 0)
-        total = per_epoch * cfg.epochs
-        total = min(total, cfg.max_steps) if cfg.max_steps else total
-        if per_epoch and int(old.get("steps", 0)) > total:
-            raise ValueError(f"{cfg.out} holds a run trained for {old['steps']} steps, more "
-                             f"than the {total} of this configuration (epochs "
-                             f"{cfg.epochs}, max_steps {cfg.max_steps}): remove it or use "
-                             "another --out")
     return train_redrec(cfg)
 
 
@@ -378,14 +366,9 @@ def check_spec(spec: Mapping[str, Any], spec_path: str) -> Dict[str, RetrievalVa
     return out
 
 
-def _values(data: str, out: str) -> Dict[str, str]:
-    return {"prepare": os.path.abspath(os.path.join(out, "prepare")),
-            "data": os.path.abspath(data)}
-
-
 def _base_config(spec: Mapping[str, Any], spec_path: str, data: str, out: str
                  ) -> RedRecConfig:
-    train = _substitute(copy.deepcopy(spec.get("train") or {}), _values(data, out))
+    train = _substitute(copy.deepcopy(spec.get("train") or {}), spec_values(data, out))
     try:
         return RedRecConfig(**{"progress": False, **train, "data": data,
                                "out": os.path.join(out, "runs")})
@@ -400,7 +383,7 @@ def variant_configs(spec: Mapping[str, Any], spec_path: str, data: str, out: str
     run dir)`` for SASRec variants. No data is read (``{prepare}`` / ``{data}`` are
     substituted with ``OUT/prepare`` and ``data``)."""
     variants = check_spec(spec, spec_path)
-    values = _values(data, out)
+    values = spec_values(data, out)
     base = _base_config(spec, spec_path, data, out)
     train = {k: v for k, v in dataclasses.asdict(base).items() if k not in _SET_BY_EXPERIMENT}
     eval_options = {k: train[k] for k in PROTOCOL_FIELDS}
@@ -533,15 +516,7 @@ def run_retrieval_experiment(spec: Dict[str, Any], spec_path: str, data: str, ou
     base = _base_config(spec, spec_path, data, out)
     pcfg, split = protocol_config(base), base.eval_split
     os.makedirs(out, exist_ok=True)
-    values = _values(data, out)
-    timings: Dict[str, float] = {}
-    prepared: Dict[str, Any] = {}
-    for step in spec.get("prepare") or []:
-        t = time.time()
-        options = _substitute(step.get("options") or {}, values)
-        prepared[step["name"]] = _get_step(step["step"])(
-            data, os.path.join(out, "prepare", step["name"]), options, spec.get("train") or {})
-        timings[f"prepare/{step['name']}"] = time.time() - t
+    prepared, timings = run_prepare_steps(spec, data, out)
 
     results: Dict[str, Any] = {}
     curves: Dict[str, List[Dict[str, Any]]] = {}
