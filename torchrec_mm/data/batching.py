@@ -295,7 +295,7 @@ class RankingSamples:
         meta = DatasetMeta.load(data_dir)
         cols = load_interaction_columns(
             data_dir, ["user_id", "item_id", "scenario", "timestamp", "label", "actions"])
-        split = load_split(data_dir).assign(cols["item_id"], cols["timestamp"])
+        split = load_split(data_dir).assign(cols["item_id"], cols["timestamp"], cols["user_id"])
         users = load_users(data_dir)
         attr_values = {}
         for name in meta.user_attrs:

@@ -87,15 +87,22 @@ def register(subparsers: Any) -> None:
     p = sub.add_parser(
         "split", help="choose cold items and the time cut (writes split.json)",
         description="Cold items: a popularity-stratified random fraction of the items with "
-        "interactions; all their interactions are test_cold. Of the rest, interactions at "
-        "or after the (1 - test-time-frac) time quantile are test_warm, the others train.",
+        "interactions; all their interactions are test_cold. Held-out users (optional): a "
+        "random fraction of the users; all their other interactions are test_warm. Of the "
+        "rest, interactions at or after the (1 - test-time-frac) time quantile are "
+        "test_warm, the others train.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", required=True, help="dataset directory")
     p.add_argument("--cold-item-frac", type=_fraction, default=0.1,
                    help="fraction of items made cold")
     p.add_argument("--test-time-frac", type=_fraction, default=0.1,
                    help="fraction of warm interactions (the latest) in test_warm")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the cold-item draw")
+    p.add_argument("--test-user-frac", type=_fraction, default=0.0,
+                   help="fraction of users held out: all their interactions are test "
+                   "(test_warm, or test_cold for cold items), as the RED-Rec protocol's "
+                   "evaluation users, who are not training users")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed of the cold-item and held-out-user draws")
     p.set_defaults(func=_split)
 
     p = sub.add_parser("stats", help="print counts, CTR, scenario shares and the split",
@@ -156,7 +163,8 @@ def _synth(args: argparse.Namespace) -> int:
 def _split(args: argparse.Namespace) -> int:
     from torchrec_mm.data.split import make_split, split_summary
 
-    split = make_split(args.data, args.cold_item_frac, args.test_time_frac, args.seed)
+    split = make_split(args.data, args.cold_item_frac, args.test_time_frac, args.seed,
+                       args.test_user_frac)
     print(split_summary(split))
     return 0
 

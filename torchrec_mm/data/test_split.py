@@ -67,6 +67,49 @@ def test_split_properties(data, cold_frac, time_frac, seed):
     assert sum(split.info["counts"].values()) == len(item)
 
 
+@settings(max_examples=100, deadline=None)
+@given(interactions(), st.floats(0, 0.9), st.floats(0, 0.9), st.floats(0.01, 0.9),
+       st.integers(0, 5), st.integers(1, 30))
+def test_held_out_users(data, cold_frac, time_frac, user_frac, seed, num_users):
+    num_items, item, ts = data
+    user = np.random.default_rng(seed).integers(0, num_users, item.shape[0])
+    split = compute_split(item, ts, num_items, cold_frac, time_frac, seed, user_frac, user)
+    part = split.assign(item, ts, user)
+    users = np.unique(user)
+    held = np.isin(user, split.test_users)
+    # a fraction of the users with interactions, at least one user left for training
+    assert np.isin(split.test_users, users).all()
+    if len(users) > 1:
+        assert len(split.test_users) == min(max(round(user_frac * len(users)), 1),
+                                            len(users) - 1)
+    else:
+        assert len(split.test_users) == 0
+    # nothing of a held-out user is trained on; cold items stay test_cold
+    is_cold = np.isin(item, split.cold_items)
+    assert (part[held & ~is_cold] == TEST_WARM).all()
+    assert (part[is_cold] == TEST_COLD).all()
+    assert not (part[held] == TRAIN).any()
+    # the cold items do not depend on held-out users (independent seed streams)
+    plain = compute_split(item, ts, num_items, cold_frac, time_frac, seed)
+    np.testing.assert_array_equal(plain.cold_items, split.cold_items)
+    # the time cut is over the training users only
+    train, late = ts[part == TRAIN], ts[(part == TEST_WARM) & ~held]
+    if len(train) and len(late):
+        assert train.max() < split.time_cut <= late.min()
+    assert sum(split.info["counts"].values()) == len(item)
+    if len(split.test_users):
+        with pytest.raises(ValueError, match="user_id"):
+            split.assign(item, ts)
+
+
+def test_held_out_users_need_user_ids():
+    with pytest.raises(ValueError, match="user_id"):
+        compute_split(np.array([0, 1]), np.array([0, 1]), 2, test_user_frac=0.5)
+    with pytest.raises(ValueError, match="test_user_frac"):
+        compute_split(np.array([0, 1]), np.array([0, 1]), 2, test_user_frac=1.0,
+                      user_id=np.array([0, 1]))
+
+
 def test_cold_items_are_stratified_over_popularity():
     # item k has k + 1 interactions (distinct popularity); 300 active items, 30 cold
     num_items = 310
@@ -109,6 +152,29 @@ def test_make_and_load_split(tmp_path):
     assert counts[1] == pytest.approx(0.25 * (counts[0] + counts[1]), abs=2)
     with pytest.raises(ValueError, match="item ids"):
         loaded.assign(np.array([80]), np.array([0]))
+    assert loaded.test_users.size == 0 and loaded.info["test_user_frac"] == 0.0
+
+
+def test_make_and_load_split_with_held_out_users(tmp_path):
+    out = _dataset(tmp_path)
+    split = make_split(out, cold_item_frac=0.1, test_time_frac=0.0, seed=2, test_user_frac=0.2)
+    loaded = load_split(out)
+    assert len(loaded.test_users) == 10  # 20% of 50 users
+    np.testing.assert_array_equal(loaded.test_users, split.test_users)
+    c = load_interaction_columns(out, ["user_id", "item_id", "timestamp"])
+    part = loaded.assign(c["item_id"], c["timestamp"], c["user_id"])
+    held = np.isin(c["user_id"], loaded.test_users)
+    assert (part[~held] != TEST_WARM).all()  # test_time_frac 0: only held-out users test
+    assert (part[held] != TRAIN).all()
+    counts = np.bincount(part, minlength=3)
+    assert loaded.info["counts"] == dict(zip(["train", "test_warm", "test_cold"], counts))
+    path = os.path.join(out, "split.json")
+    raw = json.load(open(path))
+    raw["test_users"] = [1, -2]
+    json.dump(raw, open(path, "w"))
+    with pytest.raises(DataError) as e:
+        load_split(out)
+    assert e.value.field == "test_users"
 
 
 def test_load_split_errors(tmp_path):

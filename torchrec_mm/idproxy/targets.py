@@ -128,9 +128,9 @@ def training_counts(data_dir: str, num_items: int) -> np.ndarray:
     from torchrec_mm.data.io import load_interaction_columns
     from torchrec_mm.data.split import TRAIN, load_split
 
-    cols = load_interaction_columns(data_dir, ["item_id", "timestamp"])
+    cols = load_interaction_columns(data_dir, ["user_id", "item_id", "timestamp"])
     split = load_split(data_dir)
-    train = split.assign(cols["item_id"], cols["timestamp"]) == TRAIN
+    train = split.assign(cols["item_id"], cols["timestamp"], cols["user_id"]) == TRAIN
     return np.bincount(cols["item_id"][train], minlength=num_items).astype(np.int64)
 
 

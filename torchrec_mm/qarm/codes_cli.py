@@ -66,8 +66,8 @@ def train_item_mask(data_dir: str, num_items: Optional[int] = None) -> np.ndarra
         raise ValueError(f"{data_dir} has {meta.num_items} items but the representations "
                          f"have {num_items} rows")
     split = load_split(data_dir)
-    cols = load_interaction_columns(data_dir, ["item_id", "timestamp"])
-    train = split.assign(cols["item_id"], cols["timestamp"]) == TRAIN
+    cols = load_interaction_columns(data_dir, ["user_id", "item_id", "timestamp"])
+    train = split.assign(cols["item_id"], cols["timestamp"], cols["user_id"]) == TRAIN
     return np.bincount(cols["item_id"][train], minlength=meta.num_items) > 0
 
 

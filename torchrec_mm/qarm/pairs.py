@@ -691,7 +691,7 @@ def mine_pairs(data_dir: str, sources: Sequence[str] = SOURCES, item_emb: Any = 
                              f"{meta.num_items} items")
     split = load_split(data_dir)
     cols = load_interaction_columns(data_dir, ["user_id", "item_id", "timestamp", "label"])
-    train = split.assign(cols["item_id"], cols["timestamp"]) == TRAIN
+    train = split.assign(cols["item_id"], cols["timestamp"], cols["user_id"]) == TRAIN
     pos = train & (cols["label"] == 1)
     stats: Dict[str, Any] = {"rows": int(train.shape[0]), "train_rows": int(train.sum()),
                              "train_positive_rows": int(pos.sum())}

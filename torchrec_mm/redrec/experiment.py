@@ -483,7 +483,7 @@ def _cases_digest(data: str, pcfg: ProtocolConfig, split: str) -> Dict[str, Any]
     from torchrec_mm.redrec.train import EVAL_SPLITS
 
     log = EventLog.from_dataset(data)
-    part = load_split(data).assign(log.item, log.timestamp)
+    part = load_split(data).assign(log.item, log.timestamp, log.user)
     rows = np.isin(part, np.array(EVAL_SPLITS[split], dtype=part.dtype))
     cases = make_eval_cases(log.user_offsets, log.item, log.timestamp,
                             load_meta(data).num_items, pcfg, target_rows=rows)

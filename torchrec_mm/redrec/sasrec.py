@@ -511,7 +511,7 @@ def evaluate_sasrec(model: SASRec, data_dir: Union[str, EventLog],
                              f"{list(_TARGET_SPLITS)}")
         codes = _TARGET_SPLITS[target_split]
         if codes is not None:
-            part = load_split(data_dir).assign(log.item, log.timestamp)
+            part = load_split(data_dir).assign(log.item, log.timestamp, log.user)
             target_rows = np.isin(part, np.array(codes, dtype=np.int8))
     elif isinstance(data_dir, EventLog) and target_rows is None:
         target_split = "all"

@@ -199,6 +199,11 @@ class EventLog:
         return cache[utc_offset]
 
     @property
+    def user(self) -> np.ndarray:
+        """[E] int64 user of each event (expanded from ``user_offsets``)."""
+        return np.repeat(np.arange(self.num_users, dtype=np.int64), np.diff(self.user_offsets))
+
+    @property
     def num_users(self) -> int:
         return int(self.user_offsets.shape[0] - 1)
 
@@ -365,7 +370,7 @@ class EventLog:
                 if n not in _SPLIT_CODES:
                     raise ValueError(f"unknown split {n!r}; choose from {list(_SPLIT_CODES)}")
                 codes.extend(_SPLIT_CODES[n])
-            part = load_split(data_dir).assign(cols["item_id"], cols["timestamp"])
+            part = load_split(data_dir).assign(cols["item_id"], cols["timestamp"], cols["user_id"])
             keep = np.isin(part, np.array(codes, dtype=np.int8))
             cols = {k: v[keep] for k, v in cols.items()}
             rows = rows[keep]

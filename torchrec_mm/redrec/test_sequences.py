@@ -1,3 +1,5 @@
+import shutil
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -349,6 +351,34 @@ def tiny_dataset(tmp_path_factory):
                          seed=1), out)
     make_split(out, cold_item_frac=0.1, test_time_frac=0.2, seed=0)
     return out
+
+
+def test_held_out_users_are_not_trained_on_and_are_evaluated(tiny_dataset, tmp_path):
+    """A split with held-out users (the paper's evaluation users are not training
+    users): their events are absent from the training log, and the §4.3 cases of the
+    ``test`` events are exactly theirs, with cutoffs anywhere in their timeline."""
+    from torchrec_mm.redrec.protocol import ProtocolConfig, make_eval_cases
+    from torchrec_mm.redrec.train import EVAL_SPLITS
+
+    data = str(tmp_path / "ds")
+    shutil.copytree(tiny_dataset, data)
+    split = make_split(data, cold_item_frac=0.0, test_time_frac=0.0, seed=3,
+                       test_user_frac=0.25)
+    held = split.test_users
+    assert len(held) == 15
+    log = EventLog.from_dataset(data)
+    np.testing.assert_array_equal(log.user, np.repeat(np.arange(60), np.diff(log.user_offsets)))
+    train = EventLog.from_dataset(data, split_filter="train")
+    assert (np.diff(train.user_offsets)[held] == 0).all()
+    assert train.num_events == log.num_events - int(np.isin(log.user, held).sum())
+    part = split.assign(log.item, log.timestamp, log.user)
+    rows = np.isin(part, np.array(EVAL_SPLITS["test"], dtype=part.dtype))
+    cases = make_eval_cases(log.user_offsets, log.item, log.timestamp, 150,
+                            ProtocolConfig(min_history=5, seed=0), target_rows=rows)
+    np.testing.assert_array_equal(cases.users.numpy(), held)
+    # cutoffs spread over the users' timelines, not only their last events
+    pos = cases.cutoff_index.numpy() - log.user_offsets[held]
+    assert (pos < np.diff(log.user_offsets)[held] - 3).any()
 
 
 def test_from_dataset_and_split_filter(tiny_dataset):

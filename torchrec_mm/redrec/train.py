@@ -653,7 +653,7 @@ def evaluate_redrec(model: nn.Module, cfg: RedRecConfig, ctx: DistContext,
     if log is None:
         log = EventLog.from_dataset(cfg.data)
     split = load_split(cfg.data)
-    part = split.assign(log.item, log.timestamp)
+    part = split.assign(log.item, log.timestamp, log.user)
     target_rows = np.isin(part, np.array(EVAL_SPLITS[cfg.eval_split], dtype=part.dtype))
     pcfg = cfg.protocol()
     num_items = _inner(model).tower.config.num_items
