@@ -28,11 +28,14 @@ Modes (:class:`IDProxyConfig`):
     Pooled table: extra keys ``item_id_coarse``, ``item_id_fine``,
     ``hist_item_id_coarse``, ``hist_item_id_fine`` [B, d] (history = mean of the
     per-item proxies, zero when empty), listed by ``embedding_bag_configs()``.
-``feature`` (Table 1's v4, "without structure reuse")
+``feature`` ("without structure reuse")
     The same coarse/fine proxies as ordinary pooled features (the extra keys of
     ``augment``'s pooled table) appended to the ranker's EBC output, while the
     item-ID slots (the sequence table the target attention reads) stay ID-only. For
     DLRM/DLRM_DCN, whose only item slots *are* pooled features, it equals ``augment``.
+    With ``feature_parts="fine"`` only the fine proxy's keys: stacked after a
+    ``use_fine=False`` augment wrapper (coarse proxy in the ID slots, as v3) this is
+    Table 1's v4, stage 1 + 2 where stage 2 does not reuse the ranker's structure.
 ``swap``
     The proxy (``p_fine``, or ``p_coarse`` with ``use_fine=False``) takes the place of
     the ID embedding, same keys and dims.
@@ -79,6 +82,7 @@ from torchrec_mm.utils import jagged
 from torchrec_mm.idproxy.artifacts import Proxies, group_basis
 
 MODES = ("augment", "feature", "swap", "cold_only")
+FEATURE_PARTS = ("coarse_fine", "fine")
 
 
 @dataclass
@@ -88,10 +92,14 @@ class IDProxyConfig:
     Attributes:
         mode: ``augment`` (ID + p_coarse + p_fine, the paper's setting), ``feature``
             (the proxies as ordinary pooled features of the target and the history,
-            outside the ID slots: the paper's v4 "without structure reuse"), ``swap``
+            outside the ID slots, "without structure reuse"), ``swap``
             (proxy instead of the ID embedding) or ``cold_only`` (proxy instead of the ID
             embedding for cold items only).
         use_fine: use the stage-2 fine proxy (else only ``p_coarse``: stage 1 alone).
+        feature_parts: mode ``feature`` only: ``coarse_fine`` (both proxies as
+            features) or ``fine`` (only p_fine; stack it after a ``use_fine: false``
+            augment plugin for the paper's v4 "Stage 1 + 2 w/o structure reuse": stage 1
+            in the ID slots as in v3, stage 2 as ordinary features).
         item_feature / history_feature: KJT keys of the target item and the history,
             both served by the item table.
         cold_threshold: items with fewer training impressions than this are cold
@@ -116,10 +124,18 @@ class IDProxyConfig:
     fallback: str = "id_embedding"
     store: Optional[str] = None
     store_version: Optional[str] = None
+    feature_parts: str = "coarse_fine"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"unknown idproxy mode '{self.mode}', expected one of {MODES}")
+        if self.feature_parts not in FEATURE_PARTS:
+            raise ValueError(f"unknown idproxy feature_parts '{self.feature_parts}', "
+                             f"expected one of {FEATURE_PARTS}")
+        if self.feature_parts == "fine" and (self.mode != "feature" or not self.use_fine):
+            raise ValueError("idproxy feature_parts 'fine' needs mode 'feature' and "
+                             f"use_fine true (got mode '{self.mode}', use_fine "
+                             f"{self.use_fine})")
         if self.fallback != "id_embedding":
             raise ValueError(f"unknown idproxy fallback '{self.fallback}' "
                              "(supported: id_embedding)")
@@ -650,7 +666,7 @@ class IDProxyEmbeddingBagCollection(nn.Module):
 
     ``forward(kjt) -> KeyedTensor``: augment / feature append ``<item>_coarse``,
     ``<item>_fine``, ``<hist>_coarse``, ``<hist>_fine`` [B, d] (history: mean of
-    per-item proxies, zero if empty); swap / cold_only keep the keys and replace the
+    per-item proxies, zero if empty; ``feature_parts="fine"``: only the ``_fine`` keys); swap / cold_only keep the keys and replace the
     values of the item and history keys (history: mean over items of ID embedding or
     proxy, see the module docstring for how the per-item choice is made with a pooled
     EBC).
@@ -680,6 +696,8 @@ class IDProxyEmbeddingBagCollection(nn.Module):
         self._extra: List[EmbeddingBagConfig] = []
         if config.mode in ("augment", "feature"):
             kinds = ["coarse", "fine"] if config.use_fine else ["coarse"]
+            if config.feature_parts == "fine":
+                kinds = ["fine"]
             for f in self.keys:
                 for k in kinds:
                     name = f"{f}_{k}"
@@ -711,6 +729,8 @@ class IDProxyEmbeddingBagCollection(nn.Module):
             t_pf = self.source.fine_map(t_pc) + gated.index_select(0, index[:n_t])
             h_pf = self.source.fine_map(h_pc) + \
                 jagged.gather_pool(gated, index[n_t:], h_len, "mean")
+            if self.config.feature_parts == "fine":
+                return _rebuild_kt(kt, {}, self.extra_keys, [t_pf, h_pf])
             return _rebuild_kt(kt, {}, self.extra_keys, [t_pc, t_pf, h_pc, h_pf])
         index, table, use = self.source.proxy_rows(torch.cat([t_ids, h_ids]))
         h_use = use[n_t:]

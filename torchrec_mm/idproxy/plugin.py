@@ -50,6 +50,8 @@ class IDProxyOptions:
         cold_threshold: training impressions below which an item is cold.
         hidden_dim: hidden size of the fine-proxy adaptor.
         z_rank: principal components per layer group the adaptor reads (0: all).
+        feature_parts: mode ``feature``: ``coarse_fine`` or ``fine`` (only p_fine as
+            features; see ``IDProxyConfig``).
         store: online item store (``torchrec_mm.serving``) the proxies' inputs are read
             from at every step instead of the artefact's table (new items written by
             ``torchrec-mm serve-items`` are served at once); ``store_version``: only
@@ -64,6 +66,7 @@ class IDProxyOptions:
     z_rank: int = 32
     store: Optional[str] = None
     store_version: Optional[str] = None
+    feature_parts: str = "coarse_fine"
 
 
 def train_impression_counts(ctx: PluginContext, num_items: int) -> np.ndarray:
@@ -80,9 +83,10 @@ def train_impression_counts(ctx: PluginContext, num_items: int) -> np.ndarray:
         from torchrec_mm.data.io import load_interaction_columns
         from torchrec_mm.data.split import load_split
 
-        cols = load_interaction_columns(ctx.data_dir, ["item_id", "timestamp"])
+        cols = load_interaction_columns(ctx.data_dir, ["user_id", "item_id", "timestamp"])
         item = cols["item_id"]
-        split = load_split(ctx.data_dir).assign(cols["item_id"], cols["timestamp"])
+        split = load_split(ctx.data_dir).assign(cols["item_id"], cols["timestamp"],
+                                                cols["user_id"])
     item = np.asarray(item, dtype=np.int64)
     train = item[np.asarray(split) == SPLIT_TRAIN]
     if train.size and int(train.max()) >= num_items:
@@ -99,7 +103,7 @@ class IDProxyPlugin(RankerPlugin):
         o = self.options
         return IDProxyConfig(mode=o.mode, use_fine=o.use_fine, cold_threshold=o.cold_threshold,
                              hidden_dim=o.hidden_dim, z_rank=o.z_rank, store=o.store,
-                             store_version=o.store_version)
+                             store_version=o.store_version, feature_parts=o.feature_parts)
 
     def cold_mask(self, ctx: PluginContext, num_items: int) -> torch.Tensor:
         counts = train_impression_counts(ctx, num_items)
@@ -116,8 +120,11 @@ class IDProxyPlugin(RankerPlugin):
             cold = self.cold_mask(ctx, proxies.num_items)
         if config.mode == "feature":
             item_table = None
-            if collections.ec is not None:
-                item_table = next((c for c in collections.ec.embedding_configs()
+            ec = collections.ec
+            while isinstance(ec, IDProxyEmbeddingCollection):  # stacked on a slot plugin:
+                ec = ec.embedding_collection                   # the ID table's own dim
+            if ec is not None:
+                item_table = next((c for c in ec.embedding_configs()
                                    if config.item_feature in c.feature_names), None)
             collections.ebc = IDProxyEmbeddingBagCollection(collections.ebc, proxies, config,
                                                             cold, item_table=item_table)

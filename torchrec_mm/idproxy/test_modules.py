@@ -454,3 +454,54 @@ def test_fine_proxies_carry_a_planted_signal_to_cold_items():
 
         aucs[variant] = float(auc(logits, labels))
     assert aucs["v5"] > aucs["base"] + 0.1 and aucs["v5"] > 0.7, aucs
+
+
+def test_fine_only_features_match_the_fine_keys_of_feature_mode(samples):
+    """``feature_parts='fine'``: only the ``_fine`` keys, equal to those of the full
+    feature mode (same initialisation)."""
+    cfg = RankerConfig(kind="dlrm", embedding_dim=D)
+    torch.manual_seed(0)
+    ebc = build_collections(samples.layout, cfg).ebc
+    kjt = _batch(samples).sparse_features
+    outs = {}
+    for parts in ("coarse_fine", "fine"):
+        torch.manual_seed(1)
+        w = IDProxyEmbeddingBagCollection(
+            ebc, _proxies(), IDProxyConfig(mode="feature", feature_parts=parts))
+        outs[parts] = w(kjt).to_dict()
+        assert [f for c in w.embedding_bag_configs() for f in c.feature_names] == \
+            list(outs[parts])
+    fine = outs["fine"]
+    assert [k for k in fine if k.endswith(("_coarse", "_fine"))] == \
+        ["item_id_fine", "hist_item_id_fine"]
+    for k, v in fine.items():
+        torch.testing.assert_close(v, outs["coarse_fine"][k])
+    with pytest.raises(ValueError, match="feature_parts"):
+        IDProxyConfig(mode="augment", feature_parts="fine")
+    with pytest.raises(ValueError, match="feature_parts"):
+        IDProxyConfig(mode="feature", use_fine=False, feature_parts="fine")
+
+
+def test_v4_stage1_in_slots_stage2_as_features(samples, tmp_path):
+    """The paper's v4 as a stacked spec: p_coarse in the attention's ID slots (v3) and
+    p_fine as ordinary pooled features; both train end to end with the ranker."""
+    save_proxies(str(tmp_path / "px"), _proxies())
+    px = str(tmp_path / "px")
+    spec = {"plugins": [
+        {"name": "idproxy", "options": {"proxies": px, "use_fine": False}},
+        {"name": "idproxy", "options": {"proxies": px, "mode": "feature",
+                                        "feature_parts": "fine", "hidden_dim": 16}}]}
+    cfg = RankerConfig(kind="target_attention", embedding_dim=D)
+    ctx = PluginContext(layout=samples.layout, ranker=cfg, extras={"samples": samples})
+    torch.manual_seed(0)
+    tables = apply_plugins(table_configs(samples.layout, cfg), spec, ctx)
+    model = build_ranker(samples.layout, cfg, collections=apply_plugins(
+        build_collections(samples.layout, cfg, tables), spec, ctx))
+    ec, ebc = model.embedding_collection, _ebc_of(model)
+    assert isinstance(ec, IDProxyEmbeddingCollection) and ec.source.fine is None
+    assert isinstance(ebc, IDProxyEmbeddingBagCollection) and ebc.source.fine is not None
+    assert ebc.extra_keys == ["item_id_fine", "hist_item_id_fine"]
+    loss, _ = RankerTrain(model)(_batch(samples, 64))
+    loss.backward()
+    assert ebc.source.fine.adaptor[0].weight.grad.abs().sum() > 0
+    assert ec.embedding_collection.embeddings["t_item_id"].weight.grad.abs().sum() > 0
