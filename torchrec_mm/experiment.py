@@ -274,7 +274,9 @@ def _age_slices(results: Dict[str, Any]) -> List[str]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    run_experiment(args.config, args.data, args.out,
+    # absolute paths: the runs store them, and a resumed experiment must match its runs
+    # whatever directory it is started from
+    run_experiment(args.config, os.path.abspath(args.data), os.path.abspath(args.out),
                    only=args.variants.split(",") if args.variants else None)
     return 0
 
