@@ -23,6 +23,7 @@ import torch
 
 from torchrec_mm.idproxy.artifacts import Proxies, load_proxies
 from torchrec_mm.idproxy.coarse import CoarseProxyModel, load_coarse_model
+from torchrec_mm.idproxy.artifacts import group_basis
 from torchrec_mm.idproxy.modules import FineProxy
 
 FINE_KEY = ".source.fine."
@@ -56,6 +57,42 @@ def load_fine_weights(run_dir: str) -> Dict[str, torch.Tensor]:
     return found
 
 
+def load_fine_proxy(run_dir: str, proxies: Proxies) -> FineProxy:
+    """The trained stage-2 adaptor + gate of ``run_dir`` (eval mode) for items given by
+    their states (:meth:`FineProxy.fine_of`): the run's weights and layer-group basis,
+    not its frozen input table (the run's catalogue)."""
+    weights = load_fine_weights(run_dir)
+    hidden = int(weights["adaptor.0.weight"].shape[0])
+    z_rank = int(weights["input_rank"])
+    z_mean, z_basis = proxies.z_mean, proxies.z_basis
+    if z_rank and (z_basis is None or z_basis.shape[2] < min(z_rank, proxies.z_groups.shape[2])):
+        # an artefact without a stored basis: the run's FineProxy computed it from the
+        # whole catalogue's states (non-persistent buffers), so do the same
+        z_mean, z_basis = group_basis(proxies.z_groups.float(), z_rank)
+    fine = FineProxy(proxies.p_coarse[:1], proxies.z_groups[:1], hidden, z_rank=z_rank,
+                     z_mean=z_mean, z_basis=z_basis)
+    wanted = [k for k in fine.state_dict() if not k.startswith("inputs.")]
+    missing = sorted(set(wanted) - set(weights))
+    if missing:
+        raise ValueError(f"{run_dir}: fine-proxy weights lack {missing}")
+    fine.load_state_dict({k: weights[k] for k in wanted}, strict=False)
+    return fine.train(False)
+
+
+@torch.no_grad()
+def catalogue_fine_proxies(fine: FineProxy, proxies: Proxies, batch_size: int = 65536
+                           ) -> torch.Tensor:
+    """[N, d] p_fine of every item of the artefact (zero for items without content),
+    as the deployment writes them to online storage (paper §3.3)."""
+    n = proxies.num_items
+    out = torch.zeros(n, proxies.dim)
+    for lo in range(0, n, batch_size):
+        hi = min(n, lo + batch_size)
+        out[lo:hi] = fine.fine_of(proxies.p_coarse[lo:hi], proxies.z_groups[lo:hi])
+    out[~proxies.has_content.bool()] = 0.0
+    return out
+
+
 class ProxyGenerator:
     """Stage-1 model + (optionally) the trained stage-2 adaptor, for new items.
 
@@ -78,21 +115,8 @@ class ProxyGenerator:
              batch_size: int = 64) -> "ProxyGenerator":
         proxies = load_proxies(proxies_dir)
         coarse = load_coarse_model(proxies_dir, device=device)
-        fine = None
-        if run is not None:
-            weights = load_fine_weights(run)
-            hidden = int(weights["adaptor.0.weight"].shape[0])
-            z_rank = int(weights["input_rank"])
-            fine = FineProxy(proxies.p_coarse[:1], proxies.z_groups[:1], hidden, z_rank=z_rank,
-                             z_mean=proxies.z_mean, z_basis=proxies.z_basis)
-            # the trained adaptor only: the frozen input table (the run's catalogue) is
-            # not needed for new items, whose inputs come from their text
-            wanted = [k for k in fine.state_dict() if not k.startswith("inputs.")]
-            missing = sorted(set(wanted) - set(weights))
-            if missing:
-                raise ValueError(f"{run}: fine-proxy weights lack {missing}")
-            fine.load_state_dict({k: weights[k] for k in wanted}, strict=False)
-            fine.train(False)
+        # the trained adaptor only: new items' inputs come from their text
+        fine = load_fine_proxy(run, proxies) if run is not None else None
         return cls(coarse, proxies, fine, batch_size)
 
     @torch.no_grad()

@@ -109,6 +109,12 @@ class IDProxyConfig:
             see :class:`FineProxy`).
         fallback: what an item without content gets where a proxy would replace its ID
             embedding; only ``id_embedding`` (keep the ID embedding) is supported.
+        fine_run: a ranker run trained with this plugin and ``use_fine``: its trained
+            adaptor computes p_fine once for every item, and the fine proxies are then a
+            frozen table like p_coarse (the paper's deployment, §3.3: the adaptor is
+            trained offline once, proxies are written to storage and the production
+            ranker — continually trained — retrieves them by ID). None: the adaptor
+            trains with the ranker (stage 2).
         store: read the proxies' inputs from this online item store at every call
             (:class:`StoreInputs`) instead of the artefact's table; an item not in the
             store has no content (the fallback). ``store_version``: only its records.
@@ -125,6 +131,7 @@ class IDProxyConfig:
     store: Optional[str] = None
     store_version: Optional[str] = None
     feature_parts: str = "coarse_fine"
+    fine_run: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -141,6 +148,11 @@ class IDProxyConfig:
                              "(supported: id_embedding)")
         if self.cold_threshold < 0:
             raise ValueError(f"cold_threshold must be >= 0, got {self.cold_threshold}")
+        if self.fine_run and not self.use_fine:
+            raise ValueError("idproxy fine_run (stored fine proxies) needs use_fine true")
+        if self.fine_run and self.store:
+            raise ValueError("idproxy fine_run and store cannot be combined: the store "
+                             "holds the adaptor's inputs, fine_run fixes its outputs")
 
 
 @torch.fx.wrap
@@ -526,7 +538,15 @@ class _ProxySource(nn.Module):
             use_proxy = torch.zeros(n, dtype=torch.bool)
         self.register_buffer("use_proxy", use_proxy, persistent=False)
         self.fine: Optional[FineProxy] = None
-        if config.use_fine:
+        #: p_fine stored with p_coarse in one frozen table (``fine_run``)
+        self.fixed_fine = bool(config.fine_run)
+        if self.fixed_fine:
+            from torchrec_mm.idproxy.generate import catalogue_fine_proxies, load_fine_proxy
+
+            p_fine = catalogue_fine_proxies(load_fine_proxy(config.fine_run, proxies), proxies)
+            self.coarse = ProxyInputs(torch.cat([proxies.p_coarse.float(), p_fine], 1),
+                                      has_content)
+        elif config.use_fine:
             self.fine = FineProxy(proxies.p_coarse, proxies.z_groups, config.hidden_dim,
                                   z_rank=config.z_rank, z_mean=proxies.z_mean,
                                   z_basis=proxies.z_basis, has_content=has_content,
@@ -547,7 +567,7 @@ class _ProxySource(nn.Module):
     @property
     def width(self) -> int:
         """Columns of :meth:`rows`' table: 2d with the fine proxy, d without."""
-        return 2 * self.dim if self.fine is not None else self.dim
+        return 2 * self.dim if self.fine is not None or self.fixed_fine else self.dim
 
     def parts(self, ids: torch.Tensor
               ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
@@ -555,6 +575,9 @@ class _ProxySource(nn.Module):
         row ``index[i]`` belongs to item ``ids[i]``; ``p_fine = fine_map(p_coarse) +
         gated`` (:meth:`fine_map`); both zero for items without content (``present``
         False). ``gated`` is None without the fine proxy."""
+        if self.fixed_fine:
+            raise RuntimeError("idproxy: parts() splits a trained fine proxy; with stored "
+                               "fine proxies (fine_run) use slot_tables()")
         index, rows = _distinct_rows(ids, self._num_items)
         if self.fine is None:
             pc, present = self.coarse(rows)
@@ -562,6 +585,13 @@ class _ProxySource(nn.Module):
         pc, z, present = self.fine.lookup(rows)
         return (index, _zero_absent(pc, present),
                 _zero_absent(self.fine.gated(pc, z), present), present)
+
+    def _stored_rows(self, ids: torch.Tensor
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``fine_run``: (index [n], stored ``concat(p_coarse, p_fine)`` [u, 2d], present)."""
+        index, rows = _distinct_rows(ids, self._num_items)
+        table, present = self.coarse(rows)
+        return index, _zero_absent(table, present), present
 
     def fine_map(self, p_coarse: torch.Tensor) -> torch.Tensor:
         """The linear part of p_fine (``W_c p_coarse``), [.., d] -> [.., d]."""
@@ -573,6 +603,9 @@ class _ProxySource(nn.Module):
         """ids [n] → (index [n], [p_coarse [u, d], p_fine [u, d]] (``[p_coarse]``
         without the fine proxy), present [u] bool): row ``index[i]`` of each table
         belongs to item ``ids[i]``; zero rows for items without content."""
+        if self.fixed_fine:
+            index, table, present = self._stored_rows(ids)
+            return index, [table[:, :self.dim], table[:, self.dim:]], present
         index, pc, gated, present = self.parts(ids)
         if gated is None:
             return index, [pc], present
@@ -582,6 +615,8 @@ class _ProxySource(nn.Module):
         """ids [n] → (index [n], table [u, width], present [u] bool): row ``index[i]``
         of the table is ``concat(p_coarse, p_fine)`` (or ``p_coarse``) of item
         ``ids[i]``, zero for items without content (``present`` False)."""
+        if self.fixed_fine:
+            return self._stored_rows(ids)
         index, tables, present = self.slot_tables(ids)
         return index, torch.cat(tables, dim=1) if len(tables) > 1 else tables[0], present
 
@@ -717,6 +752,16 @@ class IDProxyEmbeddingBagCollection(nn.Module):
         t_ids = _check_ids(t_ids, n_items, self.table_name, self.keys[0])
         h_ids = _check_ids(h_ids, n_items, self.table_name, self.keys[1])
         n_t = t_ids.shape[0]
+        if self.config.mode in ("augment", "feature") and self.source.fixed_fine:
+            kt = self.embedding_bag_collection(features)
+            # stored p_coarse | p_fine, frozen: one gather and one pooling, no backward
+            index, table, _ = self.source.rows(torch.cat([t_ids, h_ids]))
+            t = table.index_select(0, index[:n_t])
+            h = jagged.gather_pool(table, index[n_t:], h_len, "mean")
+            d = self.source.dim
+            if self.config.feature_parts == "fine":
+                return _rebuild_kt(kt, {}, self.extra_keys, [t[:, d:], h[:, d:]])
+            return _rebuild_kt(kt, {}, self.extra_keys, [t[:, :d], t[:, d:], h[:, :d], h[:, d:]])
         if self.config.mode in ("augment", "feature"):
             kt = self.embedding_bag_collection(features)
             index, pc, gated, _ = self.source.parts(torch.cat([t_ids, h_ids]))

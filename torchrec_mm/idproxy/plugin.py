@@ -52,6 +52,10 @@ class IDProxyOptions:
         z_rank: principal components per layer group the adaptor reads (0: all).
         feature_parts: mode ``feature``: ``coarse_fine`` or ``fine`` (only p_fine as
             features; see ``IDProxyConfig``).
+        fine_run: a ranker run trained with this plugin (stage 2): its adaptor's p_fine
+            of every item becomes a frozen table (continual training of the deployed
+            ranker with stored proxies; see ``IDProxyConfig``). Resolved like
+            ``proxies``.
         store: online item store (``torchrec_mm.serving``) the proxies' inputs are read
             from at every step instead of the artefact's table (new items written by
             ``torchrec-mm serve-items`` are served at once); ``store_version``: only
@@ -67,6 +71,7 @@ class IDProxyOptions:
     store: Optional[str] = None
     store_version: Optional[str] = None
     feature_parts: str = "coarse_fine"
+    fine_run: Optional[str] = None
 
 
 def train_impression_counts(ctx: PluginContext, num_items: int) -> np.ndarray:
@@ -103,7 +108,8 @@ class IDProxyPlugin(RankerPlugin):
         o = self.options
         return IDProxyConfig(mode=o.mode, use_fine=o.use_fine, cold_threshold=o.cold_threshold,
                              hidden_dim=o.hidden_dim, z_rank=o.z_rank, store=o.store,
-                             store_version=o.store_version, feature_parts=o.feature_parts)
+                             store_version=o.store_version, feature_parts=o.feature_parts,
+                             fine_run=o.fine_run)
 
     def cold_mask(self, ctx: PluginContext, num_items: int) -> torch.Tensor:
         counts = train_impression_counts(ctx, num_items)
@@ -113,6 +119,8 @@ class IDProxyPlugin(RankerPlugin):
         config = self.config()
         if config.store and "://" not in config.store and not config.store.endswith(".db"):
             config = dataclasses.replace(config, store=ctx.resolve_path(config.store))
+        if config.fine_run:
+            config = dataclasses.replace(config, fine_run=ctx.resolve_path(config.fine_run))
         proxies: Proxies = ctx.extras.get("idproxy_proxies") or load_proxies(
             ctx.resolve_path(self.options.proxies))
         cold: Optional[torch.Tensor] = None

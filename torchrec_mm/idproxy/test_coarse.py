@@ -313,3 +313,35 @@ def test_generator_matches_artifact_and_ranker(data_run, tiny_llama, tmp_path):
         _, ref = fine.proxies(torch.tensor(ids))
     assert not torch.allclose(ref, px.p_coarse[ids], atol=1e-3)  # the adaptor is trained
     torch.testing.assert_close(g.p_fine, ref, atol=5e-3, rtol=0)
+
+    # continual training with stored proxies (fine_run): the run's p_fine as a frozen
+    # table in the ID slots; only the ranker trains
+    from torchrec_mm.data.batching import RankingSamples
+    from torchrec_mm.idproxy.modules import IDProxyEmbeddingCollection
+    from torchrec_mm.models.rankers import (RankerConfig, RankerTrain, build_collections,
+                                            build_ranker, table_configs)
+    from torchrec_mm.plugins import PluginContext, apply_plugins, parse_spec
+
+    samples = RankingSamples.from_dataset(data, history_length=10)
+    rcfg = RankerConfig(kind="target_attention", embedding_dim=px.dim)
+    stored = parse_spec({"plugins": [{"name": "idproxy", "options": {
+        "proxies": out, "fine_run": run2}}]})
+    ctx = PluginContext(layout=samples.layout, ranker=rcfg, data_dir=data)
+    tables = apply_plugins(table_configs(samples.layout, rcfg), stored, ctx)
+    model = build_ranker(samples.layout, rcfg, collections=apply_plugins(
+        build_collections(samples.layout, rcfg, tables), stored, ctx))
+    ec = model.embedding_collection
+    assert isinstance(ec, IDProxyEmbeddingCollection) and ec.source.fine is None
+    _, (pc, pf), present = ec.source.slot_tables(torch.tensor(ids))
+    assert present.all()
+    torch.testing.assert_close(pc, px.p_coarse[ids])
+    torch.testing.assert_close(pf, ref, atol=1e-5, rtol=0)
+    assert not any("idproxy" in n for n, p in model.named_parameters() if p.requires_grad)
+    batch = samples.make_batch(samples.rows("train")[:32])
+    loss, _ = RankerTrain(model)(batch)
+    loss.backward()
+    assert ec.embedding_collection.embeddings["t_item_id"].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="fine_run"):
+        apply_plugins(build_collections(samples.layout, rcfg, tables), parse_spec(
+            {"plugins": [{"name": "idproxy", "options": {
+                "proxies": out, "fine_run": run2, "use_fine": False}}]}), ctx)

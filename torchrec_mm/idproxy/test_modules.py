@@ -1,6 +1,8 @@
 """IDProxy stage 2 and the ID-slot wrappers: values against direct formulas, gradients,
 unmodified rankers end to end, fx tracing, bad input."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -505,3 +507,44 @@ def test_v4_stage1_in_slots_stage2_as_features(samples, tmp_path):
     loss.backward()
     assert ebc.source.fine.adaptor[0].weight.grad.abs().sum() > 0
     assert ec.embedding_collection.embeddings["t_item_id"].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["dlrm", "target_attention"])
+def test_stored_fine_proxies_equal_the_live_adaptor(samples, tmp_path, kind):
+    """``fine_run``: p_fine of every item computed once by the run's adaptor (read from
+    the run's checkpoint) and served from a frozen table gives the wrappers' outputs of
+    the live adaptor, with no trainable proxy parameter."""
+    from torchrec_mm.training.checkpoint import save_checkpoint
+
+    cfg = RankerConfig(kind=kind, embedding_dim=D)
+    torch.manual_seed(0)
+    cols = build_collections(samples.layout, cfg)
+    inner = cols.ec if kind == "target_attention" else cols.ebc
+    wrap = IDProxyEmbeddingCollection if kind == "target_attention" else \
+        IDProxyEmbeddingBagCollection
+    p = _proxies()
+    live = wrap(inner, p, IDProxyConfig(z_rank=4))
+    with torch.no_grad():  # a "trained" adaptor: away from its identity-like init
+        for m in (live.source.fine.adaptor, live.source.fine.gate, live.source.fine.coarse_map):
+            for prm in m.parameters():
+                prm.add_(0.3 * torch.randn_like(prm))
+    # the run's checkpoint, as the trainer writes it (the basis is not in it: this
+    # artefact has none, so the loader recomputes it from the catalogue as the run did)
+    run = str(tmp_path / "v5")
+    save_checkpoint(os.path.join(run, "checkpoints"), 3,
+                    {"model": {f"model.ec.{k}": v for k, v in live.state_dict().items()}})
+    stored = wrap(inner, p, IDProxyConfig(z_rank=4, fine_run=run))
+    assert stored.source.fine is None and stored.source.width == 2 * D
+    assert not any(prm.requires_grad for prm in stored.source.parameters())
+    kjt = _batch(samples).sparse_features
+    with torch.no_grad():
+        a, b = live(kjt), stored(kjt)
+    if kind == "target_attention":
+        assert list(a) == list(b)
+        for k in a:
+            torch.testing.assert_close(b[k].values(), a[k].values(), atol=1e-5, rtol=1e-5)
+    else:
+        assert a.keys() == b.keys()
+        torch.testing.assert_close(b.values(), a.values(), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="fine_run"):
+        IDProxyConfig(fine_run="runs/v5", store="items.db")
