@@ -60,3 +60,34 @@ def test_bad_spec_is_rejected(tmp_path):
     spec.write_text("name: x\nvariant: {}\n")
     assert main(["experiment", "--config", str(spec), "--data", str(tmp_path),
                  "--out", str(tmp_path / "o")]) == 2
+
+
+def test_rerun_with_variants_and_relative_paths(result, monkeypatch):
+    """A re-run trains nothing that finished (also when started from another directory
+    with relative paths); --variants runs only those and reports every other variant
+    whose runs have all finished."""
+    import torchrec_mm.training.trainer as trainer
+
+    out, first = result
+    calls = []
+    monkeypatch.setattr(trainer, "train", lambda cfg: calls.append(cfg.out))
+    root = os.path.dirname(out)
+    monkeypatch.chdir(root)
+    args = ["experiment", "--config", "spec.yaml", "--data", "data", "--out", "out"]
+    assert main(args + ["--variants", "content"]) == 0
+    assert calls == []
+    with open(os.path.join(out, "metrics.json")) as f:
+        m = json.load(f)["metrics"]
+    assert set(m["variants"]) == {"base", "content"}
+    assert m["variants"]["base"]["per_seed"] == first["variants"]["base"]["per_seed"]
+    os.rename(os.path.join(out, "runs", "base", "seed1", "train_metrics.json"),
+              os.path.join(root, "base_seed1.json"))
+    try:
+        assert main(args + ["--variants", "content"]) == 0
+        assert calls == []  # base is left alone, and left out
+        with open(os.path.join(out, "metrics.json")) as f:
+            assert set(json.load(f)["metrics"]["variants"]) == {"content"}
+    finally:
+        os.rename(os.path.join(root, "base_seed1.json"),
+                  os.path.join(out, "runs", "base", "seed1", "train_metrics.json"))
+    assert main(args + ["--variants", "nope"]) == 2

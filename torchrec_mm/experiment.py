@@ -141,8 +141,10 @@ def _train_step(data: str, out: str, options: Dict[str, Any],
     return {"run": out, "eval": result.get("eval")}
 
 
-def _run_once(cfg: Any, train: Callable[[Any], Dict[str, Any]]) -> Dict[str, Any]:
-    """Trains unless ``cfg.out`` already holds a finished run."""
+def _run_once(cfg: Any, train: Callable[[Any], Dict[str, Any]],
+              only_finished: bool = False) -> Optional[Dict[str, Any]]:
+    """Trains unless ``cfg.out`` already holds a finished run of ``cfg``;
+    ``only_finished``: the finished run or None, never training."""
     done = os.path.join(cfg.out, "train_metrics.json")
     if os.path.exists(done):
         with open(done) as f:
@@ -152,7 +154,7 @@ def _run_once(cfg: Any, train: Callable[[Any], Dict[str, Any]]) -> Dict[str, Any
         if normalized_config(result.get("config") or {}) == json.loads(
                 json.dumps(cfg.to_dict())):
             return result
-    return train(cfg)
+    return None if only_finished else train(cfg)
 
 
 def _substitute(obj: Any, values: Dict[str, str]) -> Any:
@@ -215,14 +217,18 @@ def run_experiment(spec_path: str, data: str, out: str,
         from torchrec_mm.redrec.experiment import run_retrieval_experiment
 
         return run_retrieval_experiment(spec, spec_path, data, out, only)
+    unknown = sorted(set(only or []) - set(spec["variants"]))
+    if unknown:
+        raise ValueError(f"--variants: unknown variant(s) {unknown}; {spec_path} has "
+                         f"{list(spec['variants'])}")
     os.makedirs(out, exist_ok=True)
     values = spec_values(data, out)
     prepared, timings = run_prepare_steps(spec, data, out)
     results: Dict[str, Any] = {}
     curves: Dict[str, Any] = {}
     for variant, overrides in spec["variants"].items():
-        if only and variant not in only:
-            continue
+        # --variants: the others are reported when all their seeds have finished runs
+        run_it = not only or variant in only
         overrides = _substitute(dict(overrides or {}), values)
         plugins = overrides.pop("plugins", None)
         spec_file = None
@@ -231,16 +237,21 @@ def run_experiment(spec_path: str, data: str, out: str,
             os.makedirs(os.path.dirname(spec_file), exist_ok=True)
             with open(spec_file, "w") as f:
                 yaml.safe_dump({"plugins": plugins}, f)
-        per_seed = []
+        per_seed, curve = [], None
         for seed in spec["seeds"]:
             t = time.time()
             cfg = _train_config(data, os.path.join(out, "runs", variant, f"seed{seed}"),
                                 spec["train"], overrides, int(seed), spec_file)
-            r = _run_once(cfg, train)
+            r = _run_once(cfg, train, only_finished=not run_it)
+            if r is None:
+                break
             timings[f"{variant}/seed{seed}"] = time.time() - t
             per_seed.append(r["eval"])
             if seed == spec["seeds"][0]:
-                curves[variant] = r["curve"]
+                curve = r["curve"]
+        if len(per_seed) < len(spec["seeds"]):
+            continue
+        curves[variant] = curve
         results[variant] = {"per_seed": per_seed, "summary": summarise(per_seed)}
         print(f"{variant:>12}: " + "  ".join(
             f"{sl} AUC {results[variant]['summary'][sl]['auc']['mean']:.4f}"

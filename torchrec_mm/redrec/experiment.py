@@ -145,12 +145,12 @@ def _canonical(obj: Any) -> Any:
 # --------------------------------------------------------------------------- runs
 
 
-def run_redrec(cfg: RedRecConfig) -> Dict[str, Any]:
+def run_redrec(cfg: RedRecConfig, only_finished: bool = False) -> Optional[Dict[str, Any]]:
     """``train_metrics.json`` of ``cfg.out`` if it holds a finished run of the same
-    configuration (with its evaluation when ``cfg.evaluate``), else
-    :func:`~torchrec_mm.redrec.train.train_redrec` (which resumes from the last
-    checkpoint; a run of other settings is refused, except ``epochs`` / ``max_steps``,
-    and so is a checkpoint that trained longer than ``cfg`` asks for)."""
+    configuration (with its evaluation when ``cfg.evaluate``), else (None with
+    ``only_finished``) :func:`~torchrec_mm.redrec.train.train_redrec` (which resumes
+    from the last checkpoint; a run of other settings is refused, except ``epochs`` /
+    ``max_steps``, and so is a checkpoint that trained longer than ``cfg`` asks for)."""
     done = os.path.join(cfg.out, "train_metrics.json")
     if os.path.exists(done):
         with open(done) as f:
@@ -158,7 +158,7 @@ def run_redrec(cfg: RedRecConfig) -> Dict[str, Any]:
         if old.get("config") == _canonical(cfg.to_dict()) and (
                 old.get("eval") or not cfg.evaluate):
             return old
-    return train_redrec(cfg)
+    return None if only_finished else train_redrec(cfg)
 
 
 def _sasrec_setup(data: str, out: str, options: Optional[Mapping[str, Any]],
@@ -183,7 +183,7 @@ def _sasrec_setup(data: str, out: str, options: Optional[Mapping[str, Any]],
 
 def run_sasrec(data: str, out: str, options: Optional[Mapping[str, Any]] = None,
                eval_options: Optional[Mapping[str, Any]] = None, progress: bool = False,
-               resume: bool = True) -> Dict[str, Any]:
+               resume: bool = True, only_finished: bool = False) -> Optional[Dict[str, Any]]:
     """Trains the SASRec baseline on ``data``'s train split and evaluates it on the
     RED-Rec protocol.
 
@@ -193,6 +193,7 @@ def run_sasrec(data: str, out: str, options: Optional[Mapping[str, Any]] = None,
         eval_options: :data:`PROTOCOL_FIELDS` (RedRecConfig names and defaults), so a
             RED-Rec run with the same values evaluates on the same cases.
         progress: tqdm bars; resume: reuse a finished run of the same configuration.
+        only_finished: return that finished run, or None (never train).
 
     Returns:
         ``{"config": {"data", "model", "protocol", "eval_split"}, "train": the metrics
@@ -213,6 +214,8 @@ def run_sasrec(data: str, out: str, options: Optional[Mapping[str, Any]] = None,
         if old.get("config") == run_cfg:
             with open(os.path.join(out, METRICS_FILE)) as f:
                 return {"config": run_cfg, "train": json.load(f), "eval": old["metrics"]}
+    if only_finished:
+        return None
     from torchrec_mm.utils.io import write_json
 
     os.makedirs(out, exist_ok=True)
@@ -522,15 +525,21 @@ def run_retrieval_experiment(spec: Dict[str, Any], spec_path: str, data: str, ou
     curves: Dict[str, List[Dict[str, Any]]] = {}
     total = sum(len(configs[v]) for v in selected)
     bar = tqdm(total=total, desc="retrieval runs", unit="run", dynamic_ncols=True)
-    for name in selected:
+    seeds = spec.get("seeds", [0])
+    for name in variants:
+        # --variants: the others are reported when all their seeds have finished runs
+        run_it = name in selected
         var = variants[name]
         per_seed: List[Dict[str, float]] = []
         info: List[Dict[str, Any]] = []
-        for seed, run in zip(spec.get("seeds", [0]), configs[name]):
-            bar.set_postfix_str(f"{name} seed {seed}")
+        for seed, run in zip(seeds, configs[name]):
+            if run_it:
+                bar.set_postfix_str(f"{name} seed {seed}")
             t = time.time()
             if var.model == "redrec":
-                r = run_redrec(run)
+                r = run_redrec(run, only_finished=not run_it)
+                if r is None:
+                    break
                 ev = r["eval"]
                 info.append({"steps": r["steps"], "train_seconds": r["train_seconds"],
                              "last_loss": r["curve"][-1]["loss"] if r["curve"] else None})
@@ -539,7 +548,10 @@ def run_retrieval_experiment(spec: Dict[str, Any], spec_path: str, data: str, ou
                                     for c in r["curve"]]
             else:
                 options, eval_options, run_dir = run
-                r = run_sasrec(data, run_dir, options, eval_options)
+                r = run_sasrec(data, run_dir, options, eval_options,
+                               only_finished=not run_it)
+                if r is None:
+                    break
                 ev = r["eval"]
                 info.append({"train_seconds": r["train"]["seconds"],
                              "last_loss": r["train"]["loss"][-1] if r["train"]["loss"]
@@ -548,7 +560,10 @@ def run_retrieval_experiment(spec: Dict[str, Any], spec_path: str, data: str, ou
             per_seed.append(metric_values(ev))
             info[-1].update({"num_users": ev.get("num_users"),
                              "pool_size": ev.get("pool_size")})
-            bar.update(1)
+            bar.update(int(run_it))
+        if len(per_seed) < len(seeds):
+            curves.pop(name, None)
+            continue
         results[name] = {"model": var.model, "per_seed": per_seed,
                          "summary": _summarise(per_seed), "runs": info}
         bar.write(_summary_line(name, results[name]["summary"]))
