@@ -65,8 +65,11 @@ def register_step(name: str) -> Callable[[Callable[..., Dict[str, Any]]],
 
 
 def spec_values(data: str, out: str) -> Dict[str, str]:
-    """What ``{prepare}`` and ``{data}`` in a spec stand for (absolute paths)."""
+    """What ``{prepare}``, ``{runs}`` and ``{data}`` in a spec stand for (absolute
+    paths; ``{runs}/<variant>/seed<s>`` is a variant's run, e.g. an earlier variant's
+    trained model that a later one reads)."""
     return {"prepare": os.path.abspath(os.path.join(out, "prepare")),
+            "runs": os.path.abspath(os.path.join(out, "runs")),
             "data": os.path.abspath(data)}
 
 
