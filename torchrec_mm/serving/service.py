@@ -44,14 +44,17 @@ Guarantees:
   A file whose content changed is processed again from the start; a ledger of other
   artefact versions is started afresh (every file is processed for the new models).
 * **Back-pressure**: the queue holds at most ``queue_items`` items; the watcher blocks
-  while it is full, ``POST /items`` answers ``503`` with ``Retry-After``.
+  while it is full, ``POST /items`` answers ``503`` with ``Retry-After``. A watched
+  file larger than ``max_file_bytes`` is not read (``failed`` in the ledger).
 * **Faults**: a malformed item is answered with ``400`` naming the record and field
   (in a file: logged and recorded in the ledger, the other items are processed); an
   item the models fail on (or that yields NaN/Inf) is reported as failed, its batch's
   other items are written; a store that is down (e.g. Redis stopped) is retried with
   exponential backoff, without dropping the batch (the queue fills, back-pressure
-  does the rest); ``/health`` says ``degraded`` meanwhile. Nothing stops the service
-  but ``SIGINT``/``SIGTERM`` (or :meth:`ItemService.stop`).
+  does the rest); ``/health`` says ``degraded`` meanwhile; an unexpected error is
+  answered ``500`` (logged), never a dropped connection. Nothing stops the service
+  but ``SIGINT``/``SIGTERM`` (or :meth:`ItemService.stop`: the batch being written is
+  finished, waiting and later requests get ``503``, connections are closed).
 
 HTTP (standard library ``ThreadingHTTPServer``, binds ``127.0.0.1`` by default):
 
@@ -87,13 +90,16 @@ import hashlib
 import json
 import logging
 import os
+import re
+import socket
 import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import (Any, Callable, Deque, Dict, Iterator, List, Mapping, Optional, Sequence,
+                    Set, Tuple)
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
@@ -122,6 +128,8 @@ ITEM_FIELDS = ("item_id", "text", "image_path")
 MAX_ITEM_ID = 2 ** 63 - 1
 _MAX_ERRORS_KEPT = 100
 _DRAIN_LIMIT = 16 << 20  # an oversize body up to this size is read and dropped before 413
+_ITEM_ID_PATH = re.compile(r"[0-9]{1,19}")  # GET /items/<id>: ASCII digits, int64 at most
+_STOP_GRACE_S = 10.0  # stop(): how long open HTTP connections get to finish their answer
 
 
 # ------------------------------------------------------------------------------ config
@@ -148,6 +156,8 @@ class ServeConfig:
         queue_items: capacity of the queue in items (back-pressure beyond).
         max_body_bytes / max_items_per_request: limits of ``POST /items``.
         max_text_chars: longest accepted ``text``.
+        max_file_bytes: largest watched file read (a larger one is marked ``failed`` in
+            the ledger, unread: split it).
         capacity: if set, item ids must be ``< capacity`` (e.g. the ranker's table size).
         z_rank: principal components per layer group in the IDProxy ``z`` field; must
             equal the ranker's ``idproxy`` ``z_rank`` (0: the full states).
@@ -179,6 +189,7 @@ class ServeConfig:
     max_body_bytes: int = 1 << 20
     max_items_per_request: int = 256
     max_text_chars: int = 20_000
+    max_file_bytes: int = 256 << 20
     capacity: Optional[int] = None
     z_rank: int = 32
     image_root: Optional[str] = None
@@ -195,7 +206,7 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "queue_items", "max_body_bytes", "max_items_per_request",
-                     "max_text_chars", "backfill_batch_size", "retry_after_s"):
+                     "max_text_chars", "max_file_bytes", "backfill_batch_size", "retry_after_s"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("linger_s", "poll_s", "min_file_age_s", "retry_initial_s", "retry_max_s",
@@ -257,7 +268,8 @@ class ItemRejected(ValueError):
         self.record = record
         self.field = field_name
         self.reason = reason
-        where = f"record {record}" + (f", field '{field_name}'" if field_name else "")
+        where = "request body" if record is None else f"record {record}"
+        where += f", field '{field_name}'" if field_name else ""
         super().__init__(f"{where}: {reason}")
 
     def to_json(self) -> Dict[str, Any]:
@@ -333,21 +345,43 @@ def _json_type(v: Any) -> str:
 
 
 def _strict_json(text: str) -> Any:
-    """json.loads without the NaN/Infinity extensions."""
+    """json.loads without the NaN/Infinity extensions; any failure (also nesting too
+    deep for the decoder, a RecursionError) is a ValueError."""
     def bad_constant(name: str) -> Any:
         raise ValueError(f"invalid JSON constant {name}")
-    return json.loads(text, parse_constant=bad_constant)
+    try:
+        return json.loads(text, parse_constant=bad_constant)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _jsonl_values(data: bytes) -> Iterator[Tuple[int, Any, Optional[str]]]:
+    """``(line number from 1, value, None)`` or ``(line, None, reason)`` for every
+    non-blank line of JSONL. Lines end at ``\\n`` only (JSON strings may hold U+2028,
+    U+0085 ... unescaped, which ``str.splitlines`` would split)."""
+    for n, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            value, error = _strict_json(raw.decode("utf-8")), None
+        except UnicodeDecodeError as e:
+            value, error = None, f"not UTF-8 (byte {e.start})"
+        except ValueError as e:
+            value, error = None, f"invalid JSON: {e}"
+        yield n, value, error
 
 
 def parse_request_items(body: bytes, config: ServeConfig,
                         check_images: bool = False) -> List[Item]:
-    """Decodes and validates a ``POST /items`` body: a JSON array of items, or JSONL
-    (one item per line; a single object is a one-line JSONL).
+    """Decodes and validates a ``POST /items`` body: a JSON array of items, one JSON
+    object (on any number of lines), or JSONL (one item per line).
 
     Raises:
-        ItemRejected: the first problem of a body that does not decode (record =
-            line, field None); for bodies that do, :class:`RequestRejected` listing
-            every bad item.
+        ItemRejected: the first problem of a body that does not decode (``record``:
+            the index of the record that does not decode, or None for the body as a
+            whole; field None).
+        TooManyItems: more than ``max_items_per_request`` items.
+        RequestRejected: for bodies that decode, every bad item.
     """
     try:
         text = body.decode("utf-8")
@@ -357,23 +391,27 @@ def parse_request_items(body: bytes, config: ServeConfig,
     if not stripped:
         raise ItemRejected(None, None, "empty body: send a JSON array of items or JSONL")
     records: List[Any]
+    single = None
+    if stripped.startswith("{"):  # one object, also over several lines (else: JSONL)
+        try:
+            single = _strict_json(stripped)
+        except ValueError:
+            pass
     if stripped.startswith("["):
         try:
             records = _strict_json(stripped)
         except ValueError as e:
             raise ItemRejected(None, None, f"invalid JSON: {e}") from None
+    elif isinstance(single, dict):
+        records = [single]
     else:
         records = []
-        for n, line in enumerate(stripped.splitlines()):
-            if not line.strip():
-                continue
-            try:
-                records.append(_strict_json(line))
-            except ValueError as e:
-                raise ItemRejected(len(records), None,
-                                   f"invalid JSON on line {n + 1}: {e}") from None
+        for n, value, error in _jsonl_values(body):
+            if error is not None:
+                raise ItemRejected(len(records), None, f"line {n}: {error}")
+            records.append(value)
             if len(records) > config.max_items_per_request:
-                break
+                raise TooManyItems(len(records), config.max_items_per_request, exact=False)
     if len(records) > config.max_items_per_request:
         raise TooManyItems(len(records), config.max_items_per_request)
     if not records:
@@ -400,10 +438,13 @@ class RequestRejected(ValueError):
 
 
 class TooManyItems(ValueError):
-    def __init__(self, count: int, limit: int) -> None:
+    """A request of ``count`` items (``exact=False``: reading stopped there, it has
+    more than ``limit``), above ``limit``."""
+
+    def __init__(self, count: int, limit: int, exact: bool = True) -> None:
         self.count, self.limit = count, limit
-        super().__init__(f"{'more than ' if count > limit else ''}{count} items in one "
-                         f"request, at most {limit}")
+        many = f"{count}" if exact else f"more than {limit}"
+        super().__init__(f"{many} items in one request, at most {limit}")
 
 
 def last_wins(items: Sequence[Item]) -> List[Item]:
@@ -422,16 +463,9 @@ def read_item_file(path: str, config: ServeConfig, data: Optional[bytes] = None,
     items: List[Item] = []
     errors: List[DataError] = []
     base = os.path.dirname(os.path.abspath(path))
-    for n, raw in enumerate(data.split(b"\n"), start=1):
-        if not raw.strip():
-            continue
-        try:
-            obj = _strict_json(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            errors.append(DataError(path, f"line {n}", None, f"not UTF-8 (byte {e.start})"))
-            continue
-        except ValueError as e:
-            errors.append(DataError(path, f"line {n}", None, f"invalid JSON: {e}"))
+    for n, obj, error in _jsonl_values(data):
+        if error is not None:
+            errors.append(DataError(path, f"line {n}", None, error))
             continue
         try:
             items.append(validate_item(obj, n, config, base, check_images))
@@ -710,15 +744,34 @@ def backfill(data_dir: str, config: ServeConfig, progress: bool = True,
 class Job:
     """Items written together (at most one batch); ``on_done(failures)`` is called once
     they are in the stores, ``failures`` mapping an item's ``record`` to the reason it
-    was not written; ``on_abort()`` if the service stops first."""
+    was not written; ``on_abort()`` if they are not written (the service stops first,
+    or an unexpected error). :meth:`finish` / :meth:`cancel` call one of the two, once.
+    """
 
     items: List[Item]
     on_done: Callable[[Dict[int, str]], None] = lambda failures: None
     on_abort: Callable[[], None] = lambda: None
+    ended: bool = field(default=False, repr=False)
+
+    def finish(self, failures: Dict[int, str]) -> None:
+        if not self.ended:
+            self.ended = True
+            self.on_done(failures)
+
+    def cancel(self) -> None:
+        if not self.ended:
+            self.ended = True
+            self.on_abort()
+
+
+def _chunks(items: Sequence[Item], size: int) -> List[List[Item]]:
+    """``items`` in consecutive lists of at most ``size``."""
+    return [list(items[i:i + size]) for i in range(0, len(items), size)]
 
 
 class JobQueue:
-    """FIFO of :class:`Job`, bounded by the number of items it holds.
+    """FIFO of :class:`Job`, bounded by the number of items it holds. After
+    :meth:`close` it takes no more jobs (a stopping service: nobody would write them).
 
     Args:
         capacity: most items queued at once.
@@ -729,6 +782,13 @@ class JobQueue:
         self._jobs: Deque[Job] = deque()
         self._items = 0
         self._cond = threading.Condition()
+        self.closed = False
+
+    def close(self) -> None:
+        """Refuses every later :meth:`offer` / :meth:`put` (and wakes blocked ones)."""
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
 
     def __len__(self) -> int:
         """Items queued."""
@@ -736,10 +796,11 @@ class JobQueue:
             return self._items
 
     def offer(self, jobs: Sequence[Job]) -> bool:
-        """Enqueues all of ``jobs`` if they fit now, else none; never blocks."""
+        """Enqueues all of ``jobs`` if they fit now (and the queue is open), else none;
+        never blocks."""
         n = sum(len(j.items) for j in jobs)
         with self._cond:
-            if self._items + n > self.capacity:
+            if self.closed or self._items + n > self.capacity:
                 return False
             self._jobs.extend(jobs)
             self._items += n
@@ -748,13 +809,13 @@ class JobQueue:
 
     def put(self, job: Job, stop: threading.Event, poll_s: float = 0.1) -> bool:
         """Enqueues ``job``, blocking while the queue is full (back-pressure); returns
-        False if ``stop`` is set first."""
+        False if ``stop`` is set or the queue is closed first."""
         n = len(job.items)
         if n > self.capacity:
             raise ValueError(f"a job of {n} items never fits a queue of {self.capacity}")
         with self._cond:
-            while self._items + n > self.capacity:
-                if stop.is_set():
+            while self.closed or self._items + n > self.capacity:
+                if stop.is_set() or self.closed:
                     return False
                 self._cond.wait(poll_s)
             self._jobs.append(job)
@@ -791,6 +852,7 @@ class JobQueue:
         return out
 
     def drain(self) -> List[Job]:
+        """Removes and returns every queued job."""
         with self._cond:
             jobs = list(self._jobs)
             self._jobs.clear()
@@ -800,7 +862,9 @@ class JobQueue:
 
 
 class Ticket:
-    """Completion of one request's jobs."""
+    """Completion of one request's jobs: ``done`` is set once all are written
+    (``failures``: record -> reason of the items that were not) or once one of them
+    is aborted (``aborted``; an abort after completion changes nothing)."""
 
     def __init__(self, n_jobs: int) -> None:
         self._remaining = n_jobs
@@ -811,14 +875,19 @@ class Ticket:
 
     def job_done(self, failures: Dict[int, str]) -> None:
         with self._lock:
+            if self.done.is_set():
+                return
             self.failures.update(failures)
             self._remaining -= 1
             if self._remaining <= 0:
                 self.done.set()
 
     def abort(self) -> None:
-        self.aborted = True
-        self.done.set()
+        with self._lock:
+            if self.done.is_set():
+                return
+            self.aborted = True
+            self.done.set()
 
 
 # ------------------------------------------------------------------------------ ledger
@@ -832,6 +901,10 @@ class Ledger:
     ``batches`` (its partition), ``done_batches`` (batches 0..done-1 are in the
     stores), ``items``, ``status`` (``in_progress`` / ``done`` / ``failed``) and the
     first bad lines (``errors``, ``num_errors``).
+
+    ``done_batches`` only advances over a contiguous run of written batches: a batch
+    written while an earlier one is not (that one was aborted) is remembered in
+    memory and counted once the gap is filled (after a restart it is written again).
     """
 
     def __init__(self, path: str, versions: Mapping[str, str]) -> None:
@@ -839,6 +912,7 @@ class Ledger:
         self.versions = dict(versions)
         self._lock = threading.Lock()
         self.files: Dict[str, Dict[str, Any]] = {}
+        self._ahead: Dict[str, Set[int]] = {}  # batches written beyond done_batches
         if os.path.exists(path):
             try:
                 with open(path) as f:
@@ -863,17 +937,33 @@ class Ledger:
 
     def set(self, name: str, entry: Dict[str, Any]) -> None:
         with self._lock:
+            old = self.files.get(name) or {}
+            if (old.get("sha256"), old.get("batch_size")) != (entry.get("sha256"),
+                                                              entry.get("batch_size")):
+                self._ahead.pop(name, None)  # another partition
             self.files[name] = dict(entry)
             self._save()
 
-    def batch_done(self, name: str, index: int) -> Dict[str, Any]:
+    def batch_done(self, name: str, index: int) -> Tuple[Dict[str, Any], bool]:
+        """Records batch ``index`` of file ``name`` as written; returns the entry and
+        whether this call finished the file."""
         with self._lock:
             e = self.files[name]
-            e["done_batches"] = max(int(e["done_batches"]), index + 1)
-            if e["done_batches"] >= e["batches"]:
-                e["status"] = "done"
-            self._save()
-            return dict(e)
+            done = int(e["done_batches"])
+            finished = False
+            if index >= done and e.get("status") != "done":
+                ahead = self._ahead.setdefault(name, set())
+                ahead.add(index)
+                while done in ahead:
+                    ahead.discard(done)
+                    done += 1
+                e["done_batches"] = done
+                if done >= int(e["batches"]):
+                    e["status"] = "done"
+                    self._ahead.pop(name, None)
+                    finished = True
+                self._save()
+            return dict(e), finished
 
     def _save(self) -> None:
         from torchrec_mm.utils.io import write_json
@@ -924,34 +1014,41 @@ class ItemService:
         self.stats = ServiceStats()
         self._stop = threading.Event()
         self._threads: List[threading.Thread] = []
-        self._inflight: Dict[str, int] = {}  # watched file -> batches queued, not written
+        self._inflight: Dict[str, int] = {}  # watched file -> batches queued, not ended
         self._inflight_lock = threading.Lock()
         self._stats_lock = threading.Lock()
         self.ledger: Optional[Ledger] = None
-        self.http: Optional[ThreadingHTTPServer] = None
+        self.http: Optional["ServiceHTTPServer"] = None
         self._multimodal = False
         self._started = False
         self._pool: Optional[ThreadPoolExecutor] = None
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> "ItemService":
-        """Loads the models, starts the writer, the watcher and the HTTP server."""
+        """Loads the models, starts the writer, the watcher and the HTTP server. If
+        that fails, the service is stopped (its own stores closed) and the error
+        raised."""
         if self._started:
             return self
-        for m in self.methods:
-            m.load_models()
-        self._multimodal = any(m.is_multimodal for m in self.methods)
-        if self.config.watch:  # everything that can fail comes before the threads
-            os.makedirs(self.config.watch, exist_ok=True)
-            self.ledger = Ledger(str(self.config.ledger_path), self.versions)
-        if self.config.http_port is not None:
-            self.http = make_http_server(self)
+        try:
+            for m in self.methods:
+                m.load_models()
+            self._multimodal = any(m.is_multimodal for m in self.methods)
+            if self.config.watch:  # everything that can fail comes before the threads
+                os.makedirs(self.config.watch, exist_ok=True)
+                self.ledger = Ledger(str(self.config.ledger_path), self.versions)
+            if self.config.http_port is not None:
+                self.http = make_http_server(self)
+        except BaseException:
+            self.stop()
+            raise
         self._started = True
         self._spawn("serve-items-writer", self._writer_loop)
         if self.ledger is not None:
             self._spawn("serve-items-watcher", self._watch_loop)
         if self.http is not None:
-            self._spawn("serve-items-http", self.http.serve_forever)
+            http = self.http  # poll 0.1 s: stop() waits for serve_forever to notice
+            self._spawn("serve-items-http", lambda: http.serve_forever(poll_interval=0.1))
             logger.info("serve-items: HTTP on http://%s:%d", *self.address)
         return self
 
@@ -969,19 +1066,24 @@ class ItemService:
         self._threads.append(t)
 
     def stop(self) -> None:
-        """Stops accepting, finishes the batch being written, aborts queued requests
-        (watched files resume from the ledger next time) and closes the stores."""
+        """Stops accepting (new requests, also on open connections, are answered
+        ``503``), finishes the batch being written, aborts queued requests (their
+        clients get ``503``; watched files resume from the ledger next time), closes
+        the HTTP connections once their answers are sent, and closes the stores the
+        service opened itself."""
         if self._stop.is_set():
             return
         self._stop.set()
-        if self.http is not None:
-            if any(t.name == "serve-items-http" for t in self._threads):
-                self.http.shutdown()  # (waits for serve_forever: only if it runs)
-            self.http.server_close()
+        self.queue.close()
+        if self.http is not None and any(t.name == "serve-items-http" for t in self._threads):
+            self.http.shutdown()  # no new connections (waits for serve_forever: if it runs)
         for t in self._threads:
             t.join(timeout=60)
         for job in self.queue.drain():
-            job.on_abort()
+            job.cancel()
+        if self.http is not None:
+            self.http.close_connections(_STOP_GRACE_S)  # after the aborts: answers first
+            self.http.server_close()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
         if self._own_stores:
@@ -1003,22 +1105,32 @@ class ItemService:
         """Enqueues items (duplicates: the last wins) in jobs of at most ``batch_size``.
         Blocking: waits for room (back-pressure); non-blocking: all or nothing, None
         when the queue has no room. The returned ticket's ``done`` is set once every
-        item is written (or failed, see ``failures``)."""
+        item is written (or failed, see ``failures``); it is ``aborted`` at once when
+        the service is stopping."""
         items = last_wins(items)
-        bs = self.config.batch_size
-        chunks = [items[i:i + bs] for i in range(0, len(items), bs)]
+        chunks = _chunks(items, self.config.batch_size)
         ticket = Ticket(len(chunks))
         if not chunks:
             ticket.done.set()
             return ticket
         jobs = [Job(c, ticket.job_done, ticket.abort) for c in chunks]
         if not block:
-            return ticket if self.queue.offer(jobs) else None
+            if self.queue.offer(jobs):
+                return ticket
+            if self.queue.closed:
+                ticket.abort()
+                return ticket
+            return None
         for j in jobs:
             if not self.queue.put(j, self._stop):
                 ticket.abort()
                 break
         return ticket
+
+    def _count(self, counter: str, n: int = 1) -> None:
+        """Adds ``n`` to the :class:`ServiceStats` counter ``counter``."""
+        with self._stats_lock:
+            setattr(self.stats, counter, getattr(self.stats, counter) + n)
 
     # ------------------------------------------------------------------- writer
     def _writer_loop(self) -> None:
@@ -1027,10 +1139,11 @@ class ItemService:
             if jobs:
                 try:
                     self._process(jobs)
-                except Exception:  # never let the writer die
+                except Exception as e:  # never let the writer die
                     logger.exception("serve-items: unexpected error; batch not written")
-                    for j in jobs:
-                        j.on_abort()
+                    self._note_error(f"writer: {type(e).__name__}: {e}")
+                    for j in jobs:  # HTTP: 503 (retry); files: taken up again
+                        j.cancel()
 
     def _images(self, items: Sequence[Item]) -> Optional[List[Optional[str]]]:
         if not self._multimodal or not any(it.image_path for it in items):
@@ -1137,7 +1250,7 @@ class ItemService:
                 written, ok = True, []  # reported as failed, not pending
             if not written:  # stopping while the store is down: resumed / answered 503
                 for j in jobs:
-                    j.on_abort()
+                    j.cancel()
                 return
         with self._stats_lock:
             self.stats.written_items += len(ok)
@@ -1146,8 +1259,8 @@ class ItemService:
         start = 0
         for j in jobs:
             n = len(j.items)
-            j.on_done({items[p].record: msg for p, msg in failures.items()
-                       if start <= p < start + n})
+            j.finish({items[p].record: msg for p, msg in failures.items()
+                      if start <= p < start + n})
             start += n
 
     def _note_error(self, message: str, degraded: bool = False) -> None:
@@ -1204,17 +1317,22 @@ class ItemService:
     def _take_file(self, name: str, entry: Optional[Dict[str, Any]]) -> bool:
         assert self.ledger is not None and self.config.watch is not None
         path = os.path.join(self.config.watch, name)
+        limit = self.config.max_file_bytes
         try:
             with open(path, "rb") as f:
                 st = os.fstat(f.fileno())
-                data = f.read()
+                data = f.read(limit + 1)
         except FileNotFoundError:
             return False
         except OSError as e:
             logger.error("serve-items: cannot read %s: %s", path, e)
-            self.ledger.set(name, {"size": -1, "mtime_ns": -1, "sha256": "", "status": "failed",
-                                   "batches": 0, "done_batches": 0, "batch_size": 0,
-                                   "items": 0, "errors": [str(e)], "num_errors": 1})
+            self._file_failed(name, -1, -1, str(e))
+            return False
+        if len(data) > limit:
+            message = (f"{path}: larger than {limit} bytes (max_file_bytes): not read; "
+                       "split it into smaller files")
+            logger.error("serve-items: %s", message)
+            self._file_failed(name, st.st_size, st.st_mtime_ns, message)
             return False
         sha = hashlib.sha256(data).hexdigest()
         same = entry is not None and entry.get("sha256") == sha
@@ -1227,9 +1345,16 @@ class ItemService:
             logger.warning("serve-items: skipped: %s", e)
         if len(errors) > 10:
             logger.warning("serve-items: %s: %d bad lines in all", path, len(errors))
-        bs = int(entry["batch_size"]) if same and entry else self.config.batch_size
-        batches = [items[i:i + bs] for i in range(0, len(items), bs)]
-        done = int(entry["done_batches"]) if same and entry else 0
+        # resume at the ledger's first unwritten batch only if the partition is the same
+        # (items read under other limits, or batches that no longer fit the queue: anew)
+        resume = entry is not None and same and entry.get("items") == len(items) and \
+            1 <= int(entry.get("batch_size", 0)) <= self.queue.capacity
+        if same and not resume:
+            logger.warning("serve-items: %s: the ledger's partition does not fit this run "
+                           "(limits or queue changed); processing it from the start", name)
+        bs = int(entry["batch_size"]) if resume and entry else self.config.batch_size
+        batches = _chunks(items, bs)
+        done = int(entry["done_batches"]) if resume and entry else 0
         new_entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha,
                      "batch_size": bs, "batches": len(batches), "done_batches": done,
                      "items": len(items), "status": "in_progress",
@@ -1247,41 +1372,53 @@ class ItemService:
         else:
             logger.info("serve-items: %s: %d items in %d batches%s", name, len(items),
                         len(batches), f" ({len(errors)} bad lines skipped)" if errors else "")
-        with self._inflight_lock:
-            self._inflight[name] = len(batches) - done
         for k in range(done, len(batches)):
-            job = Job(batches[k], self._file_batch_done(name, k), self._file_batch_aborted(name))
+            job = Job(batches[k], self._file_batch_done(name, k),
+                      lambda: self._file_job_ended(name))
+            with self._inflight_lock:  # counted before the writer can finish it
+                self._inflight[name] = self._inflight.get(name, 0) + 1
             if not self.queue.put(job, self._stop):
-                self._file_batch_aborted(name)()
+                self._file_job_ended(name)  # not queued
                 break
         return True
+
+    def _file_failed(self, name: str, size: int, mtime_ns: int, message: str) -> None:
+        """Marks a watched file ``failed`` (skipped until its size or mtime changes)."""
+        assert self.ledger is not None
+        self.ledger.set(name, {"size": size, "mtime_ns": mtime_ns, "sha256": "",
+                               "status": "failed", "batches": 0, "done_batches": 0,
+                               "batch_size": 0, "items": 0, "errors": [message],
+                               "num_errors": 1})
 
     def _file_batch_done(self, name: str, index: int) -> Callable[[Dict[int, str]], None]:
         def done(failures: Dict[int, str]) -> None:
             assert self.ledger is not None
-            if failures:
-                entry = self.ledger.get(name) or {}
-                errs = list(entry.get("errors", []))
-                for line, msg in sorted(failures.items()):
+            try:
+                if failures:
+                    entry = self.ledger.get(name) or {}
+                    errs = list(entry.get("errors", []))
                     path = os.path.join(str(self.config.watch), name)
-                    errs.append(str(DataError(path, f"line {line}", None, msg)))
-                entry["errors"] = errs[:_MAX_ERRORS_KEPT]
-                entry["num_errors"] = int(entry.get("num_errors", 0)) + len(failures)
-                self.ledger.set(name, entry)
-            entry = self.ledger.batch_done(name, index)
-            with self._inflight_lock:
-                self._inflight[name] = self._inflight.get(name, 1) - 1
-                if self._inflight[name] <= 0:
-                    self._inflight.pop(name, None)
-            if entry["status"] == "done":
+                    for line, msg in sorted(failures.items()):
+                        errs.append(str(DataError(path, f"line {line}", None, msg)))
+                    entry["errors"] = errs[:_MAX_ERRORS_KEPT]
+                    entry["num_errors"] = int(entry.get("num_errors", 0)) + len(failures)
+                    self.ledger.set(name, entry)
+                entry, finished = self.ledger.batch_done(name, index)
+            finally:  # also when the ledger cannot be written: the file is taken up again
+                self._file_job_ended(name)
+            if finished:
                 self._file_finished(name, entry)
         return done
 
-    def _file_batch_aborted(self, name: str) -> Callable[[], None]:
-        def aborted() -> None:
-            with self._inflight_lock:
-                self._inflight.pop(name, None)  # the next scan takes it up again
-        return aborted
+    def _file_job_ended(self, name: str) -> None:
+        """One queued batch of ``name`` was written or aborted; with none left in
+        flight, the next scan may take the file up again (if it is not done)."""
+        with self._inflight_lock:
+            left = self._inflight.get(name, 1) - 1
+            if left > 0:
+                self._inflight[name] = left
+            else:
+                self._inflight.pop(name, None)
 
     def _file_finished(self, name: str, entry: Mapping[str, Any]) -> None:
         with self._stats_lock:
@@ -1321,10 +1458,54 @@ class ItemService:
 # -------------------------------------------------------------------------------- HTTP
 
 
-def make_http_server(service: ItemService) -> ThreadingHTTPServer:
-    """A ``ThreadingHTTPServer`` bound to ``config.host:config.http_port`` serving
-    ``POST /items``, ``GET /health``, ``GET /items/<id>`` (see the module doc)."""
+class ServiceHTTPServer(ThreadingHTTPServer):
+    """``ThreadingHTTPServer`` (one daemon thread per connection) that keeps track of
+    its open connections, so that :meth:`close_connections` can end them at stop —
+    an idle keep-alive connection would otherwise outlive the service and have its
+    next request served by a stopped service."""
+
+    daemon_threads = True
+    block_on_close = False  # server_close() does not join; close_connections() does
+
+    def __init__(self, address: Tuple[str, int], handler: Any) -> None:
+        self._conns: Dict[Any, threading.Thread] = {}
+        self._conns_lock = threading.Lock()
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        t = threading.Thread(target=self.process_request_thread,
+                             args=(request, client_address), daemon=True,
+                             name="serve-items-http-conn")
+        with self._conns_lock:
+            self._conns[request] = t
+        t.start()
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._conns_lock:
+            self._conns.pop(request, None)
+        super().shutdown_request(request)
+
+    def close_connections(self, timeout: float) -> None:
+        """Shuts the read side of every open connection (an idle one ends; an answer
+        being written is finished) and waits up to ``timeout`` s for their threads."""
+        with self._conns_lock:
+            conns = list(self._conns.items())
+        for sock, _ in conns:
+            try:
+                sock.shutdown(socket.SHUT_RD)
+            except OSError:  # already closed by the client
+                pass
+        deadline = time.monotonic() + timeout
+        for _, t in conns:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+
+def make_http_server(service: ItemService) -> ServiceHTTPServer:
+    """A :class:`ServiceHTTPServer` bound to ``config.host:config.http_port`` serving
+    ``POST /items``, ``GET /health``, ``GET /items/<id>`` (see the module doc).
+    An unexpected error answers ``500`` (logged), never a dropped connection."""
     config = service.config
+    retry_after = {"Retry-After": str(config.retry_after_s)}
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -1337,6 +1518,7 @@ def make_http_server(service: ItemService) -> ThreadingHTTPServer:
         def _send(self, status: int, body: Mapping[str, Any],
                   headers: Optional[Mapping[str, str]] = None, close: bool = False) -> None:
             raw = (json.dumps(body) + "\n").encode()
+            self._responded = True
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(raw)))
@@ -1352,35 +1534,57 @@ def make_http_server(service: ItemService) -> ThreadingHTTPServer:
                    headers: Optional[Mapping[str, str]] = None, **extra: Any) -> None:
             self._send(status, {"error": message, **extra}, headers, close)
 
-        # ------------------------------------------------------------- GET
+        def _guarded(self, method: Callable[[], None]) -> None:
+            """Runs ``method``; an unexpected error is logged and answered ``500``
+            (a client's broken connection just closes it)."""
+            self._responded = False
+            try:
+                method()
+            except (ConnectionError, TimeoutError):
+                self.close_connection = True
+            except Exception as e:
+                logger.exception("serve-items: %s %s failed", self.command, self.path)
+                service._note_error(f"http: {type(e).__name__}: {e}")
+                if self._responded:
+                    self.close_connection = True
+                else:
+                    self._error(500, f"internal error: {type(e).__name__}", close=True)
+
         def do_GET(self) -> None:  # noqa: N802
+            self._guarded(self._get)
+
+        def do_POST(self) -> None:  # noqa: N802
+            self._guarded(self._post)
+
+        # ------------------------------------------------------------- GET
+        def _get(self) -> None:
             path = urlsplit(self.path).path.rstrip("/")
             if path == "/health":
                 self._send(200, service.health())
                 return
             if path.startswith("/items/"):
                 raw = path[len("/items/"):]
-                if not raw.isdigit() or int(raw) > MAX_ITEM_ID:
-                    self._error(400, f"item id must be a non-negative integer, got {raw!r}",
-                                field="item_id")
+                if not _ITEM_ID_PATH.fullmatch(raw) or int(raw) > MAX_ITEM_ID:
+                    self._error(400, f"item id must be an integer in [0, 2**63), got "
+                                f"{raw[:40]!r}", field="item_id")
                     return
                 try:
                     info = service.item_info(int(raw))
                 except Exception as e:
-                    self._error(503, f"store unavailable: {e}",
-                                headers={"Retry-After": str(config.retry_after_s)})
+                    self._error(503, f"store unavailable: {e}", headers=retry_after)
                     return
                 found = any(info[m.name]["found"] for m in service.methods)
                 self._send(200 if found else 404, info)
                 return
-            self._error(404, f"no such resource {path!r}; try POST /items, GET /health, "
-                        "GET /items/<id>")
+            self._error(404, f"no such resource {path[:200]!r}; try POST /items, "
+                        "GET /health, GET /items/<id>")
 
         # ------------------------------------------------------------ POST
-        def do_POST(self) -> None:  # noqa: N802
+        def _post(self) -> None:
             url = urlsplit(self.path)
             if url.path.rstrip("/") != "/items":
-                self._error(404, f"no such resource {url.path!r}; POST /items", close=True)
+                self._error(404, f"no such resource {url.path[:200]!r}; POST /items",
+                            close=True)
                 return
             query = parse_qs(url.query)
             wait = query.get("wait", ["1"])[-1].lower() not in ("0", "false", "no")
@@ -1397,12 +1601,11 @@ def make_http_server(service: ItemService) -> ThreadingHTTPServer:
                 if length < 0:
                     raise ValueError
             except ValueError:
-                self._error(400, f"bad Content-Length {length_raw!r}", close=True)
+                self._error(400, f"bad Content-Length {length_raw[:40]!r}", close=True)
                 return
             if length > config.max_body_bytes:
                 self._drain(length)
-                with service._stats_lock:
-                    service.stats.rejected_requests += 1
+                service._count("rejected_requests")
                 self._error(413, f"body of {length} bytes, at most {config.max_body_bytes}",
                             close=True, limit=config.max_body_bytes)
                 return
@@ -1413,35 +1616,30 @@ def make_http_server(service: ItemService) -> ThreadingHTTPServer:
             try:
                 items = parse_request_items(body, config, service._multimodal)
             except TooManyItems as e:
-                with service._stats_lock:
-                    service.stats.rejected_requests += 1
+                service._count("rejected_requests")
                 self._error(413, str(e), limit=e.limit)
                 return
-            except RequestRejected as e:
-                with service._stats_lock:
-                    service.stats.rejected_requests += 1
-                first = e.errors[0]
+            except (RequestRejected, ItemRejected) as e:
+                service._count("rejected_requests")
+                errors = e.errors if isinstance(e, RequestRejected) else [e]
+                first = errors[0]
                 self._error(400, str(first), record=first.record, field=first.field,
-                            errors=[x.to_json() for x in e.errors[:_MAX_ERRORS_KEPT]])
-                return
-            except ItemRejected as e:
-                with service._stats_lock:
-                    service.stats.rejected_requests += 1
-                self._error(400, str(e), record=e.record, field=e.field,
-                            errors=[e.to_json()])
+                            errors=[x.to_json() for x in errors[:_MAX_ERRORS_KEPT]])
                 return
             unique = last_wins(items)
             ticket = service.submit(unique, block=False)
             if ticket is None:
-                with service._stats_lock:
-                    service.stats.busy_responses += 1
+                service._count("busy_responses")
                 self._error(503, f"queue full ({len(service.queue)} of "
                             f"{service.queue.capacity} items); retry later",
-                            headers={"Retry-After": str(config.retry_after_s)})
+                            headers=retry_after)
                 return
             ids = [it.item_id for it in unique]
             result = {"item_ids": ids, "versions": service.versions,
                       "duplicates_dropped": len(items) - len(unique)}
+            if ticket.aborted:  # refused: the service is stopping
+                self._aborted(result)
+                return
             if not wait:
                 self._send(202, {"queued": len(ids), **result})
                 return
@@ -1450,8 +1648,7 @@ def make_http_server(service: ItemService) -> ThreadingHTTPServer:
                             "items stay queued and will be written", **result)
                 return
             if ticket.aborted:
-                self._error(503, "the service is stopping; the items were not written",
-                            headers={"Retry-After": str(config.retry_after_s)}, **result)
+                self._aborted(result)
                 return
             if ticket.failures:
                 by_record = {it.record: it for it in items}
@@ -1461,6 +1658,12 @@ def make_http_server(service: ItemService) -> ThreadingHTTPServer:
                             failed=failed, written=len(ids) - len(failed), **result)
                 return
             self._send(200, {"written": len(ids), **result})
+
+        def _aborted(self, result: Mapping[str, Any]) -> None:
+            why = ("the service is stopping" if service._stop.is_set() else
+                   "an internal error stopped the batch (GET /health: last_error)")
+            self._error(503, f"{why}; the items may not be written: send them again",
+                        headers=retry_after, close=service._stop.is_set(), **result)
 
         def _drain(self, length: int) -> None:
             """Reads and drops a refused body (up to a limit), so that the client gets
@@ -1472,13 +1675,11 @@ def make_http_server(service: ItemService) -> ThreadingHTTPServer:
                     break
                 left -= len(chunk)
 
-    server = ThreadingHTTPServer((config.host, int(config.http_port or 0)), Handler)
-    server.daemon_threads = True
-    return server
+    return ServiceHTTPServer((config.host, int(config.http_port or 0)), Handler)
 
 
 __all__ = ["IDProxyRecords", "Item", "ItemRejected", "ItemService", "Job", "JobQueue",
            "Ledger", "QARMRecords", "RecordMethod", "RequestRejected", "ServeConfig",
-           "Ticket", "backfill", "build_methods", "check_align_matches_codes",
-           "last_wins", "make_http_server", "open_stores", "parse_request_items",
-           "read_item_file", "validate_item"]
+           "ServiceHTTPServer", "Ticket", "TooManyItems", "backfill", "build_methods",
+           "check_align_matches_codes", "last_wins", "make_http_server", "open_stores",
+           "parse_request_items", "read_item_file", "validate_item"]

@@ -1,8 +1,11 @@
 """Tests of ``serve-items``: records written from watched files and HTTP equal the
 models' outputs (ProxyGenerator + project_states, AlignedRepresenter +
 QARMCodes.assign_new), validation and limits (400 naming the field, 413, 503 with
-Retry-After), resume from the ledger (also after SIGKILL of the CLI), idempotence,
-failure isolation, a store that is down, and the backfill from the artefacts.
+Retry-After, 411, 504, 500 for internal errors, JSON too deep, watched files above
+max_file_bytes), resume from the ledger (also after SIGKILL of the CLI, after an
+aborted batch, with another partition), idempotence, failure isolation, a store that
+is down, a clean stop (waiting requests answered, connections closed, own stores
+closed also after a failed start), and the backfill from the artefacts.
 
 Real models are tiny random Llamas trained for one epoch by ``idproxy fit`` / ``qarm
 align``; queue, ledger and fault tests use a stub model (no encoder)."""
@@ -11,6 +14,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -34,9 +38,11 @@ from torchrec_mm.serving.service import (
     ItemService,
     Job,
     JobQueue,
+    Ledger,
     RecordMethod,
     RequestRejected,
     ServeConfig,
+    Ticket,
     TooManyItems,
     backfill,
     last_wins,
@@ -71,6 +77,18 @@ def http(method: str, url: str, body: Optional[bytes] = None,
 def post_items(base: str, items: Any, query: str = "") -> Tuple[int, Dict[str, Any], Any]:
     body = items if isinstance(items, bytes) else json.dumps(items).encode()
     return http("POST", f"{base}/items{query}", body, {"Content-Type": "application/json"})
+
+
+def raw_http(address: Tuple[str, int], request: bytes, timeout: float = 10.0) -> bytes:
+    """Sends raw bytes, returns everything the server answers until it closes."""
+    out = b""
+    with socket.create_connection(address, timeout=timeout) as s:
+        s.sendall(request)
+        while True:
+            chunk = s.recv(1 << 16)
+            if not chunk:
+                return out
+            out += chunk
 
 
 def wait_for(cond, timeout: float = 60.0, what: str = "condition") -> None:
@@ -249,7 +267,8 @@ def test_validate_item_names_the_field():
 
 item_st = st.fixed_dictionaries(
     {"item_id": st.integers(0, 30), "text": st.text(min_size=1, max_size=12).filter(
-        lambda t: t.strip() and "\x00" not in t)},
+        lambda t: t.strip() and "\x00" not in t) | st.sampled_from(
+            ["a\u2028b", "x\x85y", "p\u2029q", "\u2028x\x1c"])},
     optional={"image_path": st.none() | st.just("a.png")})
 
 
@@ -260,7 +279,11 @@ def test_parse_json_and_jsonl_agree_and_last_wins(rows):
                       image_root="/img")
     a = parse_request_items(json.dumps(rows).encode(), cfg)
     b = parse_request_items("\n".join(json.dumps(r) for r in rows).encode(), cfg)
-    assert a == b
+    # JSONL as clients with ensure_ascii=False write it: raw non-ASCII, also U+2028,
+    # U+0085 ... which are line breaks to str.splitlines but not to JSONL
+    c = parse_request_items("\n".join(json.dumps(r, ensure_ascii=False)
+                                      for r in rows).encode(), cfg)
+    assert a == b == c
     assert [(it.item_id, it.text, it.record) for it in a] == [
         (r["item_id"], r["text"], i) for i, r in enumerate(rows)]
     last = {r["item_id"]: r["text"] for r in rows}  # a dict keeps the last value
@@ -270,9 +293,19 @@ def test_parse_json_and_jsonl_agree_and_last_wins(rows):
 
 def test_parse_rejects_bodies():
     cfg = ServeConfig(idproxy="x", idproxy_store="y", max_items_per_request=2)
-    with pytest.raises(TooManyItems):
+    with pytest.raises(TooManyItems, match="^3 items in one request, at most 2$"):
         parse_request_items(json.dumps([{"item_id": i, "text": "t"} for i in range(3)]).encode(),
                             cfg)
+    with pytest.raises(TooManyItems, match="^more than 2 items in one request, at most 2$"):
+        parse_request_items(b"\n".join(b'{"item_id": %d, "text": "t"}' % i for i in range(5)),
+                            cfg)
+    # nesting too deep for the JSON decoder (a RecursionError): a 400, not a crash
+    for body in (b"[" * 100_000, b'{"item_id": ' * 100_000, b"[" + b"[" * 100_000 + b"]"):
+        with pytest.raises(ItemRejected, match="invalid JSON.*nested too deeply"):
+            parse_request_items(body, cfg)
+    with pytest.raises(ItemRejected) as e:
+        parse_request_items(b"  ", cfg)
+    assert str(e.value).startswith("request body: empty") and e.value.record is None
     with pytest.raises(RequestRejected) as e:
         parse_request_items(b'[{"item_id": 1, "text": "t"}, {"item_id": 2, "text": ""}]', cfg)
     assert [(x.record, x.field) for x in e.value.errors] == [(1, "text")]
@@ -280,6 +313,65 @@ def test_parse_rejects_bodies():
                       (b'{"item_id": NaN, "text": "t"}', "invalid JSON"), (b"[]", "no items")):
         with pytest.raises(ItemRejected, match=msg):
             parse_request_items(body, cfg)
+
+
+def test_parse_one_object_on_several_lines():
+    """"One object" as the body, also pretty-printed (the module doc promises it)."""
+    cfg = ServeConfig(idproxy="x", idproxy_store="y")
+    obj = {"item_id": 4, "text": "a shoe\u2028for running"}
+    for body in (json.dumps(obj, indent=2), json.dumps(obj, ensure_ascii=False),
+                 json.dumps(obj, indent=1, ensure_ascii=False) + "\n\n"):
+        assert parse_request_items(body.encode(), cfg) == [Item(4, obj["text"], None, 0)]
+    # two objects, one per line, still JSONL; a broken one names its line
+    two = parse_request_items(b'{"item_id": 1, "text": "a"}\n{"item_id": 2, "text": "b"}', cfg)
+    assert [it.item_id for it in two] == [1, 2]
+    with pytest.raises(ItemRejected, match="record 1: line 3: invalid JSON"):
+        parse_request_items(b'{"item_id": 1, "text": "a"}\n\n{"item_id": 2,', cfg)
+
+
+def test_ticket_and_job_end_once():
+    t = Ticket(2)
+    t.job_done({})
+    t.job_done({3: "boom"})
+    t.abort()  # e.g. the writer failed after the last on_done: changes nothing
+    assert t.done.is_set() and not t.aborted and t.failures == {3: "boom"}
+    t = Ticket(2)
+    t.abort()
+    t.job_done({})
+    assert t.done.is_set() and t.aborted
+    calls: List[str] = []
+    job = Job([Item(1, "t")], lambda f: calls.append("done"), lambda: calls.append("abort"))
+    job.finish({})
+    job.cancel()
+    job.finish({})
+    assert calls == ["done"]
+
+
+def test_ledger_counts_only_contiguous_batches(tmp_path):
+    """A batch written while an earlier one is not (aborted) does not move
+    ``done_batches`` past the gap: a restart resumes at the unwritten batch."""
+    path = str(tmp_path / "ledger.json")
+    ledger = Ledger(path, {"idproxy": "v1"})
+    ledger.set("a.jsonl", {"sha256": "x", "batch_size": 2, "batches": 4, "done_batches": 0,
+                           "items": 8, "status": "in_progress"})
+    assert ledger.batch_done("a.jsonl", 0)[0]["done_batches"] == 1
+    entry, finished = ledger.batch_done("a.jsonl", 2)  # batch 1 was aborted
+    assert entry["done_batches"] == 1 and not finished
+    assert ledger_entry(path, "a.jsonl")["done_batches"] == 1
+    entry, finished = ledger.batch_done("a.jsonl", 3)
+    assert entry["done_batches"] == 1 and entry["status"] == "in_progress" and not finished
+    entry, finished = ledger.batch_done("a.jsonl", 1)  # the retried batch
+    assert entry["done_batches"] == 4 and entry["status"] == "done" and finished
+    assert not ledger.batch_done("a.jsonl", 3)[1]  # a late duplicate finishes nothing
+    assert ledger_entry(path, "a.jsonl")["status"] == "done"
+    # a new partition (content changed) forgets the batches written ahead
+    ledger.set("b.jsonl", {"sha256": "1", "batch_size": 2, "batches": 3, "done_batches": 0,
+                           "items": 6, "status": "in_progress"})
+    ledger.batch_done("b.jsonl", 2)
+    ledger.set("b.jsonl", {"sha256": "2", "batch_size": 2, "batches": 3, "done_batches": 0,
+                           "items": 6, "status": "in_progress"})
+    assert ledger.batch_done("b.jsonl", 0)[0]["done_batches"] == 1
+    assert ledger.batch_done("b.jsonl", 1)[0]["done_batches"] == 2
 
 
 def test_read_item_file_reports_lines(tmp_path):
@@ -403,6 +495,119 @@ def test_queue_full_answers_503_then_recovers(tmp_path):
     finally:
         gate.set()
         service.stop()
+
+
+def test_http_limits_protocol_errors_and_timeout(tmp_path):
+    """Binds loopback by default; 411 without Content-Length or chunked, 400 for a bad
+    one, 413 for an oversize body (also one above the drain limit, connection
+    closed); 504 when the records are not written within request_timeout_s — the
+    items stay queued and are written."""
+    assert ServeConfig(idproxy="x", idproxy_store="y").host == "127.0.0.1"
+    gate = threading.Event()
+    method = StubRecords(gate)
+    service = stub_service(tmp_path, method, http_port=0, request_timeout_s=0.3,
+                           max_body_bytes=1000).start()
+    base = "http://%s:%d" % service.address
+    try:
+        assert service.address[0] == "127.0.0.1"
+        head = b"POST /items HTTP/1.1\r\nHost: x\r\n"
+        for extra, status in ((b"", b"411"), (b"Transfer-Encoding: chunked\r\n", b"411"),
+                              (b"Content-Length: abc\r\n", b"400"),
+                              (b"Content-Length: -3\r\n", b"400"),
+                              (b"Content-Length: 100000000\r\n", b"413")):
+            answer = raw_http(service.address, head + extra + b"\r\n")
+            assert answer.startswith(b"HTTP/1.1 " + status + b" "), (extra, answer[:80])
+            assert b"Connection: close" in answer
+        status, body, _ = post_items(base, [{"item_id": 1, "text": "slow"}])
+        assert status == 504 and "stay queued" in body["error"] and body["item_ids"] == [1]
+        gate.set()
+        wait_for(lambda: bool(service.stores["idproxy"].contains([1])[0]), 10, "item 1")
+    finally:
+        gate.set()
+        service.stop()
+
+
+def test_http_unexpected_error_is_a_500(tmp_path, monkeypatch):
+    """A bug in a handler is logged and answered 500 with a JSON body (not a dropped
+    connection), and the server keeps serving."""
+    service = stub_service(tmp_path, StubRecords(), http_port=0).start()
+    base = "http://%s:%d" % service.address
+    try:
+        monkeypatch.setattr(service, "health", lambda: 1 / 0)
+        status, body, _ = http("GET", f"{base}/health")
+        assert status == 500 and "ZeroDivisionError" in body["error"]
+        monkeypatch.undo()
+        assert "ZeroDivisionError" in service.health()["last_error"]
+        assert post_items(base, [{"item_id": 1, "text": "fine"}])[0] == 200
+    finally:
+        service.stop()
+
+
+def test_stop_answers_waiting_requests_and_closes_connections(tmp_path):
+    """stop() finishes the batch being written, answers a request waiting for queued
+    items with 503 (not a 504 after request_timeout_s), ends idle keep-alive
+    connections (a request on one after stop must not be served: its items would
+    be acknowledged and never written) and leaves no connection thread behind."""
+    import http.client
+
+    gate = threading.Event()
+    method = StubRecords(gate)
+    service = stub_service(tmp_path, method, http_port=0, request_timeout_s=60).start()
+    host, port = service.address
+    base = f"http://{host}:{port}"
+    try:
+        assert post_items(base, [{"item_id": 1, "text": "a"}], "?wait=0")[0] == 202
+        assert method.entered.wait(10)  # the writer holds item 1's batch
+        waiting: List[Any] = []
+        t = threading.Thread(target=lambda: waiting.append(
+            post_items(base, [{"item_id": 2, "text": "b"}])))
+        t.start()
+        wait_for(lambda: len(service.queue) == 1, 10, "item 2 queued")
+        idle = http.client.HTTPConnection(host, port, timeout=30)
+        idle.request("GET", "/health")
+        resp = idle.getresponse()
+        assert resp.status == 200 and not resp.will_close
+        resp.read()
+        stopper = threading.Thread(target=service.stop)
+        t0 = time.monotonic()
+        stopper.start()
+        time.sleep(0.1)
+        gate.set()  # the batch being written finishes
+        stopper.join(15)
+        assert not stopper.is_alive() and time.monotonic() - t0 < 10
+        t.join(10)
+        status, body, headers = waiting[0]
+        assert status == 503 and "stopping" in body["error"] and headers["Retry-After"]
+        assert bool(service.stores["idproxy"].contains([1])[0])  # (stores not ours)
+        assert not bool(service.stores["idproxy"].contains([2])[0])
+        with pytest.raises((http.client.HTTPException, OSError)):
+            idle.request("POST", "/items?wait=0", json.dumps([{"item_id": 3, "text": "c"}]))
+            idle.getresponse()
+        idle.close()
+        assert not [th for th in threading.enumerate() if th.name == "serve-items-http-conn"]
+        # after stop nothing is queued that nobody would write
+        ticket = service.submit([Item(4, "d")], block=False)
+        assert ticket is not None and ticket.aborted and len(service.queue) == 0
+    finally:
+        gate.set()
+        service.stop()
+        service.stores["idproxy"].close()
+
+
+def test_failed_start_closes_own_stores(tmp_path):
+    """A start that fails (port taken) stops the service: the stores it opened are
+    closed, no thread is left."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        cfg = ServeConfig(idproxy="stub", idproxy_store=str(tmp_path / "store"), sync=False,
+                          http_port=taken.getsockname()[1])
+        service = ItemService(cfg, [StubRecords()])  # opens its own store
+        with pytest.raises(OSError):
+            service.start()
+    assert not service._threads and service.wait(0)
+    with pytest.raises(ValueError, match="closed"):
+        service.stores["idproxy"].get([1])
 
 
 def test_failing_items_are_isolated(tmp_path):
@@ -531,6 +736,76 @@ def test_watcher_blocks_on_a_full_queue(tmp_path):
         service.stop()
 
 
+def test_writer_error_mid_file_is_retried_not_skipped(tmp_path, monkeypatch):
+    """An unexpected writer error on one batch of a file (e.g. the ledger cannot be
+    written) aborts that batch only; the later batches are written, but the ledger
+    must not count the aborted one as done: the file is taken up again at it and
+    every item ends up in the store. Over HTTP the same error is a 503 naming it."""
+    method = StubRecords()
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    service = stub_service(tmp_path, method, watch=str(watch), http_port=0)
+    process = service._process
+    failed: List[int] = []
+
+    def flaky_process(jobs):
+        ids = {it.item_id for j in jobs for it in j.items}
+        if ids & {102, 900} and len(failed) < 2 and not (ids & set(failed)):
+            failed.extend(sorted(ids))
+            raise RuntimeError("disk on fire")
+        return process(jobs)
+
+    monkeypatch.setattr(service, "_process", flaky_process)
+    service.start()
+    ledger = str(watch / ".serve-items-ledger.json")
+    try:
+        status, body, _ = post_items("http://%s:%d" % service.address,
+                                     [{"item_id": 900, "text": "x"}])
+        assert status == 503 and "internal error" in body["error"]
+        assert "disk on fire" in service.health()["last_error"]
+        rows = _write_items(str(watch / "a.jsonl"), 10)  # batches of 2: 102 is in batch 1
+        wait_for(lambda: (ledger_entry(ledger, "a.jsonl") or {}).get("status") == "done",
+                 20, "a.jsonl done")
+        assert failed == [900, 102, 103]
+        _, found = service.stores["idproxy"].get([r["item_id"] for r in rows])
+        assert found.all(), found
+        assert service.health()["files_done"] == 1
+    finally:
+        service.stop()
+        service.stores["idproxy"].close()
+
+
+def test_watched_file_above_max_file_bytes_is_not_read(tmp_path):
+    """A file larger than max_file_bytes is marked failed in the ledger (naming the
+    limit), not read into memory; the other files are processed; it is taken up
+    again once it changes."""
+    method = StubRecords()
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    big = _write_items(str(watch / "big.jsonl"), 20)
+    small = [{"item_id": 7, "text": "s"}, {"item_id": 8, "text": "t"}]
+    write_jsonl(str(watch / "small.jsonl"), small)
+    assert os.path.getsize(watch / "small.jsonl") < 200 < os.path.getsize(watch / "big.jsonl")
+    service = stub_service(tmp_path, method, watch=str(watch), max_file_bytes=200).start()
+    ledger = str(watch / ".serve-items-ledger.json")
+    try:
+        wait_for(lambda: (ledger_entry(ledger, "small.jsonl") or {}).get("status") == "done"
+                 and ledger_entry(ledger, "big.jsonl") is not None, 20, "both files seen")
+        entry = ledger_entry(ledger, "big.jsonl")
+        assert entry["status"] == "failed" and "max_file_bytes" in entry["errors"][0]
+        assert entry["size"] == os.path.getsize(watch / "big.jsonl")
+        _, found = service.stores["idproxy"].get([r["item_id"] for r in big])
+        assert not found.any() and method.calls == 1  # only small.jsonl's batch
+        time.sleep(0.15)
+        assert method.calls == 1  # not retried while unchanged
+        write_jsonl(str(watch / "big.jsonl"), big[:2])  # split: now small enough
+        wait_for(lambda: ledger_entry(ledger, "big.jsonl")["status"] == "done", 20, "big")
+        assert service.stores["idproxy"].contains([r["item_id"] for r in big[:2] + small]).all()
+    finally:
+        service.stop()
+        service.stores["idproxy"].close()
+
+
 def test_corrupt_ledger_is_a_clear_error(tmp_path):
     from torchrec_mm.data.schema import DataError
 
@@ -579,6 +854,38 @@ def test_restart_resumes_from_the_ledger(tmp_path):
         assert service.health()["batches"] == 5
     finally:
         service.stop()
+    # a ledger whose partition does not match what this run reads (other limits: here
+    # 9 items recorded, 10 read; or batches larger than the queue): from the start
+    store = ItemStore.open(str(tmp_path / "store"), StubRecords().schema)
+    store.delete(store.ids())
+    store.close()
+    path_b = str(watch / "b.jsonl")
+    rows_b = [{"item_id": 200 + i, "text": f"b {i}"} for i in range(10)]
+    write_jsonl(path_b, rows_b)
+    data_b, st_b = open(path_b, "rb").read(), os.stat(path_b)
+    path_c = str(watch / "c.jsonl")
+    rows_c = [{"item_id": 300 + i, "text": f"c {i}"} for i in range(10)]
+    write_jsonl(path_c, rows_c)
+    data_c, st_c = open(path_c, "rb").read(), os.stat(path_c)
+    files = json.load(open(ledger))["files"]
+    files["b.jsonl"] = {**entry, "size": st_b.st_size, "mtime_ns": st_b.st_mtime_ns,
+                        "sha256": hashlib.sha256(data_b).hexdigest(), "items": 9}
+    files["c.jsonl"] = {**entry, "size": st_c.st_size, "mtime_ns": st_c.st_mtime_ns,
+                        "sha256": hashlib.sha256(data_c).hexdigest(), "batch_size": 5,
+                        "batches": 2, "done_batches": 1}
+    with open(ledger, "w") as f:
+        json.dump({"format": LEDGER_FORMAT, "versions": {"idproxy": "stub-v1"},
+                   "files": files}, f)
+    service = stub_service(tmp_path, StubRecords(), watch=str(watch), queue_items=4,
+                           max_items_per_request=4).start()
+    try:
+        wait_for(lambda: all((ledger_entry(ledger, n) or {}).get("status") == "done"
+                             for n in ("b.jsonl", "c.jsonl")), 20, "b and c done")
+        _, found = service.stores["idproxy"].get([r["item_id"] for r in rows_b + rows_c])
+        assert found.all(), found
+        assert ledger_entry(ledger, "c.jsonl")["batch_size"] == 2
+    finally:
+        service.stop()
     # other model versions: every file again
     store = ItemStore.open(str(tmp_path / "store"), StubRecords().schema)
     store.delete(store.ids())
@@ -587,9 +894,10 @@ def test_restart_resumes_from_the_ledger(tmp_path):
     method.version = "stub-v2"
     service = stub_service(tmp_path, method, watch=str(watch)).start()
     try:
-        wait_for(lambda: (ledger_entry(ledger, "a.jsonl") or {}).get("status") == "done" and
-                 service.health()["batches"] == 2, 20, "reprocessed for v2")
-        assert service.stores["idproxy"].versions([100, 103]) == ["stub-v2"] * 2
+        wait_for(lambda: all((ledger_entry(ledger, n) or {}).get("status") == "done"
+                             for n in ("a.jsonl", "b.jsonl", "c.jsonl")) and
+                 service.health()["batches"] == 2 + 5 + 5, 20, "reprocessed for v2")
+        assert service.stores["idproxy"].versions([100, 103, 200, 309]) == ["stub-v2"] * 4
     finally:
         service.stop()
 
@@ -671,6 +979,13 @@ def test_http_rejects_bad_input_and_keeps_serving(served):
         assert f"record {record}" in body["error"]
     status, body, _ = post_items(base, b"[{not json")
     assert status == 400 and "invalid JSON" in body["error"]
+    status, body, _ = post_items(base, b"[" * 4000)  # too deep for the JSON decoder
+    assert status == 400 and "nested too deeply" in body["error"]
+    # ids that are digits to str.isdigit but not to int(), or too long for int()
+    for raw in (b"\xb2", b"1" * 5000, b"-1", b"%31", str(2 ** 63).encode()):
+        answer = raw_http(service.address, b"GET /items/" + raw + b" HTTP/1.1\r\n"
+                          b"Host: x\r\nConnection: close\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 400 ") and b'"field": "item_id"' in answer, raw
     status, body, _ = post_items(base, b"x" * (service.config.max_body_bytes + 1))
     assert status == 413 and body["limit"] == service.config.max_body_bytes
     many = [{"item_id": i, "text": "t"} for i in range(service.config.max_items_per_request + 1)]
@@ -781,6 +1096,7 @@ def test_cli_killed_mid_file_resumes(art, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+        log1.close()
     at_kill = ledger_entry(ledger, "items.jsonl")
     assert at_kill is not None and at_kill["status"] == "in_progress", at_kill
     k = at_kill["done_batches"]
@@ -797,6 +1113,7 @@ def test_cli_killed_mid_file_resumes(art, tmp_path):
             proc.kill()
     log2.seek(0)
     out = log2.read()
+    log2.close()
     assert f"resuming at batch {k + 1} of {n}" in out and "serve-items: stopped" in out, out
     ref = Reference(art)
     want = ref.batched([r["text"] for r in rows], batch=1)
