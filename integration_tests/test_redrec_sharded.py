@@ -15,7 +15,9 @@ temperature are replicated (DDP averages their gradients = the global-batch mean
 Sharded embedding rows receive the global-batch mean too (TorchRec divides the
 backward all-to-all by the world size), so the reference uses the same learning rates;
 a reference whose embedding lr is doubled is refuted. Losses of every step and the final
-interests must agree.
+interests must agree. In the ``joint`` case the item side is the jointly trained item
+tower (a tiny Llama's top layer over stored states, :mod:`torchrec_mm.redrec.item_tower`):
+each rank runs it on its own batch's items and DDP averages its gradients.
 """
 
 import json
@@ -54,6 +56,7 @@ CASES = [
     ("id", "table_wise", "tower"),
     ("id", "row_wise", "tower"),
     ("content", "row_wise", "tower"),
+    ("joint", "row_wise", "tower"),
     ("id", "table_wise", "ec"),      # no UserTowerSharder: DMP shards the child EC
 ]
 EVAL_USERS = np.arange(NUM_USERS - 2 * B, NUM_USERS)
@@ -112,9 +115,11 @@ def _build(kind: str, bert: str) -> _Train:
     if kind == "content":
         vecs = torch.randn(NUM_ITEMS, CONTENT_DIM, generator=torch.Generator().manual_seed(1))
     torch.manual_seed(SEED)
+    states = os.path.join(os.path.dirname(bert), "item_states") if kind == "joint" else None
     cfg = UserTowerConfig(model_path=bert, num_items=NUM_ITEMS, num_scenarios=S,
                           num_actions=A, last_n=LAST_N, num_gap_buckets=21, embedding_dim=16,
-                          item_embedding=kind, dropout=0.0)
+                          item_embedding="id" if kind == "id" else "content",
+                          item_states=states, dropout=0.0)
     return _Train(UserTower(cfg, item_vectors=vecs))
 
 
@@ -201,10 +206,19 @@ def _worker(out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def shared_dir(tmp_path_factory):
+    from torchrec_mm.content.encoder import ContentEncoderConfig
+    from torchrec_mm.content.testing import build_tiny_llama, item_texts, write_items
+    from torchrec_mm.redrec.item_tower import build_item_states
     from torchrec_mm.redrec.test_tower import build_tiny_bert
 
     out = tmp_path_factory.mktemp("redrec_parity")
     build_tiny_bert(str(out / "bert"))
+    write_items(str(out / "items"), item_texts(NUM_ITEMS, seed=2))
+    build_item_states(str(out / "items"), str(out / "item_states"), layers=1,
+                      encoder_config=ContentEncoderConfig(
+                          model_path=build_tiny_llama(str(out / "llama"), num_layers=2),
+                          max_length=24),
+                      num_items=NUM_ITEMS, progress=False)
     spawn(_worker, WORLD, (str(out),))
     return str(out)
 

@@ -5,11 +5,17 @@ snapshots for the ``redrec_user`` ranker feature, :mod:`torchrec_mm.redrec.user_
 
     torchrec-mm redrec train --data out/synth --out runs/redrec --epochs 2 \\
         --batch-size 32 [--config redrec.yaml] \\
-        [--item-embedding content --content-store out/content]
+        [--item-embedding content --content-store out/content]   # item LM frozen
+    torchrec-mm redrec item-states --data out/synth --out out/item-states --layers 1
+    torchrec-mm redrec train --data out/synth --out runs/redrec-joint \\
+        --item-embedding content --item-states out/item-states     # item LM trained
     torchrec-mm redrec evaluate --run runs/redrec [--index HNSW32] [--split test_warm]
     torchrec-mm redrec sasrec --data out/synth --out runs/sasrec --epochs 20 \\
         [--max-len 118] [--max-users 1000]
 
+``item-states`` stores the item tower's frozen part (every item's prompt through the
+content encoder's bottom layers) for ``train --item-states``, whose top ``--layers``
+layers then train jointly with the user tower (:mod:`torchrec_mm.redrec.item_tower`).
 ``train`` flags override the YAML :class:`~torchrec_mm.redrec.train.RedRecConfig`
 given by ``--config``; it resumes from ``OUT``'s latest checkpoint unless
 ``--no-resume``. ``evaluate`` re-evaluates the latest checkpoint of a run directory
@@ -72,7 +78,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    "(default: the bundled MiniLM)")
     p.add_argument("--init", choices=INITS)
     p.add_argument("--item-embedding", choices=ITEM_EMBEDDINGS)
-    p.add_argument("--content-store", help="content store (item_embedding=content)")
+    p.add_argument("--content-store", help="content store: frozen item vectors "
+                   "(item_embedding=content)")
+    p.add_argument("--item-states", help="directory of `redrec item-states`: the item "
+                   "tower trained jointly (item_embedding=content)")
+    p.add_argument("--item-lr", type=float, help="learning rate of the item tower's "
+                   "layers (default: --dense-lr)")
     p.add_argument("--content-field", choices=["emb_token", "pooled"])
     p.add_argument("--embedding-dim", type=int)
     p.add_argument("--interests-per-scenario", type=int)
@@ -217,8 +228,23 @@ def _run_sasrec(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_item_states(args: argparse.Namespace) -> int:
+    from torchrec_mm.content.encoder import ContentEncoderConfig
+    from torchrec_mm.redrec.item_tower import build_item_states
+
+    enc = {"model_path": args.model, "max_length": args.max_length,
+           "prompt_template": args.prompt}
+    cfg = ContentEncoderConfig(**{k: v for k, v in enc.items() if v is not None})
+    m = build_item_states(args.data, args.out, args.layers, cfg, batch_size=args.batch_size,
+                          progress=not args.no_progress)
+    print(json.dumps({k: m[k] for k in ("num_items", "num_tokens", "layers", "total_layers",
+                                        "hidden_size", "parity_max_abs_err")}, indent=1))
+    return 0
+
+
 def register(subparsers: Any) -> None:
-    """Adds ``redrec`` with the subcommands ``train``, ``evaluate`` and ``sasrec``."""
+    """Adds ``redrec`` with the subcommands ``train``, ``evaluate``, ``sasrec``,
+    ``item-states`` and ``embed-users``."""
     p = subparsers.add_parser("redrec", help="RED-Rec user tower: train and evaluate; the "
                               "SASRec baseline",
                               description=__doc__,
@@ -239,6 +265,20 @@ def register(subparsers: Any) -> None:
                        "RED-Rec protocol")
     _add_sasrec_flags(b)
     b.set_defaults(func=_run_sasrec)
+    s = sub.add_parser("item-states", help="store the item tower's frozen bottom layers' "
+                       "output for every item (train --item-states trains the top ones)")
+    s.add_argument("--data", required=True, help="dataset directory (items.parquet)")
+    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--layers", type=int, default=1, help="top item-LM layers that train "
+                   "(default 1)")
+    s.add_argument("--model", help="local Hugging Face checkpoint of the item LM "
+                   "(default: the bundled MiniLM)")
+    s.add_argument("--prompt", help="prompt template with {text} and [EMB] (default: the "
+                   "content encoder's)")
+    s.add_argument("--max-length", type=int, help="prompt tokens at most (default 256)")
+    s.add_argument("--batch-size", type=int, default=64, help="items per forward")
+    s.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    s.set_defaults(func=_run_item_states)
     from torchrec_mm.redrec.user_features import add_embed_users_parser
 
     add_embed_users_parser(sub)

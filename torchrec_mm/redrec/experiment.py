@@ -44,7 +44,8 @@ negatives), never the protocol's ``eval_seed``.
 **Resumable.** Runs live in ``OUT/runs/<variant>/seed<k>``; a run whose directory holds
 finished metrics for the same configuration is not retrained (an interrupted RED-Rec
 run resumes from its last checkpoint). Prepare steps are the ranking runner's
-(``encode``, ``redrec_train``, ...) plus ``redrec_lm`` (:func:`truncate_lm`).
+(``encode``, ``redrec_train``, ``redrec_item_states``, ...) plus ``redrec_lm``
+(:func:`truncate_lm`).
 
 **Output.** ``OUT/metrics.json`` — per variant the per-seed HR@K / NDCG@K / MRR@K / MRR
 and their mean, sample std and values over seeds, the protocol, timings — and
@@ -240,10 +241,10 @@ def truncate_lm(out: str, layers: int, model_path: Optional[str] = None,
     / ``"frozen"`` apply to it as to any checkpoint. Written to a temporary directory
     and renamed; an ``out`` made by the same call is reused.
     """
-    from torch import nn
     from transformers import AutoModel
 
     from torchrec_mm.content.encoder import _quiet_transformers, default_model_path
+    from torchrec_mm.redrec.tower import keep_layers
 
     if keep not in ("top", "bottom"):
         raise ValueError(f"truncate_lm: keep must be 'top' or 'bottom', got {keep!r}")
@@ -256,23 +257,11 @@ def truncate_lm(out: str, layers: int, model_path: Optional[str] = None,
                 return out
     with _quiet_transformers():
         lm = AutoModel.from_pretrained(src, local_files_only=True)
-    text_cfg = lm.config.get_text_config()
-    total = int(text_cfg.num_hidden_layers)
+    total = int(lm.config.get_text_config().num_hidden_layers)
     if not 1 <= layers <= total:
         raise ValueError(f"truncate_lm: layers must be in [1, {total}] for {src}, got "
                          f"{layers}")
-    stacks = [(name, m) for name, m in lm.named_modules()
-              if isinstance(m, nn.ModuleList) and len(m) == total and name]
-    if not stacks:
-        raise ValueError(f"truncate_lm: no stack of {total} layers found in {src}")
-    name, stack = stacks[0]
-    kept = list(stack)[total - layers:] if keep == "top" else list(stack)[:layers]
-    parent_name, _, attr = name.rpartition(".")
-    setattr(lm.get_submodule(parent_name) if parent_name else lm, attr, nn.ModuleList(kept))
-    text_cfg.num_hidden_layers = int(layers)
-    types = getattr(text_cfg, "layer_types", None)
-    if isinstance(types, list) and len(types) == total:
-        text_cfg.layer_types = types[total - layers:] if keep == "top" else types[:layers]
+    keep_layers(lm, int(layers), keep)
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{os.getpid()}")

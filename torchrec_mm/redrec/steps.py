@@ -1,6 +1,7 @@
-"""``torchrec-mm experiment`` prepare steps of RED-Rec: ``redrec_train`` and
+"""``torchrec-mm experiment`` prepare steps of RED-Rec: ``redrec_train``,
 ``redrec_embed_users`` (user-tower snapshots for the ``redrec_user`` ranker feature, see
-:func:`redrec_embed_users_step`).
+:func:`redrec_embed_users_step`) and ``redrec_item_states`` (the stored states of the
+jointly trained item tower, see :func:`redrec_item_states_step`).
 
 ``redrec_train`` options: any :class:`~torchrec_mm.redrec.train.RedRecConfig` field
 except ``data`` and ``out`` (the experiment's data set and ``OUT/prepare/<step name>``);
@@ -11,6 +12,7 @@ different options (e.g. ``policy: global_time``) give RED-Rec ablation runs; the
 experiment's ranker ablation table does not list them.
 """
 
+import dataclasses
 import json
 import os
 from typing import Any, Dict
@@ -74,3 +76,26 @@ def redrec_embed_users_step(data: str, out: str, options: Dict[str, Any],
     result = embed_users(cfg)
     return {"embeddings": out, **{k: result[k] for k in (
         "times", "num_vectors", "config_hash", "checkpoint")}}
+
+
+@register_step("redrec_item_states")
+def redrec_item_states_step(data: str, out: str, options: Dict[str, Any],
+                            train_defaults: Dict[str, Any]) -> Dict[str, Any]:
+    """Prepare step: :func:`~torchrec_mm.redrec.item_tower.build_item_states` into
+    ``OUT/prepare/<name>`` (train option ``item_states: "{prepare}/<name>"``). Options:
+    ``layers`` (default 1), ``batch_size`` and ContentEncoderConfig fields
+    (``model_path``, ``prompt_template``, ``max_length``, ...)."""
+    from torchrec_mm.content.encoder import ContentEncoderConfig
+    from torchrec_mm.redrec.item_tower import build_item_states
+
+    opts = dict(options)
+    layers = int(opts.pop("layers", 1))
+    batch_size = int(opts.pop("batch_size", 64))
+    fields = {f.name for f in dataclasses.fields(ContentEncoderConfig)}
+    bad = sorted(set(opts) - fields)
+    if bad:
+        raise ValueError(f"experiment step redrec_item_states: unknown option(s) {bad}; "
+                         f"options are layers, batch_size and {sorted(fields)}")
+    build_item_states(data, out, layers, ContentEncoderConfig(**opts) if opts else None,
+                      batch_size=batch_size, progress=False)
+    return {"item_states": out}

@@ -45,9 +45,12 @@ without any flag gets a zero action vector. (A ``2 ** num_actions``-row table of
 **Item side.** ``item_embedding="id"``: an item-ID table (RED-Rec-symbol); the optional
 feature ``cand_item_id`` (any number of items per row: the next item, the window,
 negatives) is looked up in the same table, so candidates and history share one space.
-``"content"``: frozen item-tower vectors (``item_vectors`` ``[num_items, D_c]``, a
-non-trainable buffer, e.g. the ContentEncoder's ``emb_token`` output) through a
-trainable linear projection to ``d``, for both history and candidates.
+``"content"``: item-tower vectors through a trainable linear projection to ``d``, for
+both history and candidates: either frozen (``item_vectors`` ``[num_items, D_c]``, a
+non-trainable buffer, e.g. the ContentEncoder's ``emb_token`` output: the paper's
+"Item LLM frozen", Table A3) or, with ``item_states``, the
+:class:`~torchrec_mm.redrec.item_tower.ItemTower` whose top LM layers train jointly
+with the user tower (the paper's setting; it runs once per distinct item of a batch).
 :meth:`UserTower.forward_with_items` returns the candidates' l2-normalised vectors.
 
 **Initialisation** (Table A3): ``"pretrained"`` loads the checkpoint weights,
@@ -159,8 +162,12 @@ class UserTowerConfig:
         num_gap_buckets: ``seq_gap_bucket`` values are in ``[0, num_gap_buckets)``
             (``MixConfig.num_gap_buckets``, 21 with the default edges).
         interests_per_scenario: queries per scenario; ``K = interests_per_scenario * S``.
-        item_embedding: ``"id"`` (item-ID table) or ``"content"`` (frozen item-tower
-            vectors, projected).
+        item_embedding: ``"id"`` (item-ID table) or ``"content"`` (item-tower vectors,
+            projected: frozen ``item_vectors``, or with ``item_states`` an item tower
+            whose top layers train jointly).
+        item_states: directory of :func:`~torchrec_mm.redrec.item_tower.build_item_states`
+            (content mode): the item tower is :class:`~torchrec_mm.redrec.item_tower.
+            ItemTower` over it, trained with the user tower (paper appendix C).
         embedding_dim: d, the table width and the output width; 0 = the LM hidden size.
         dropout: overrides every dropout probability of the LM config (``0.0`` for
             deterministic training); ``None`` keeps the checkpoint's values.
@@ -177,6 +184,7 @@ class UserTowerConfig:
     num_gap_buckets: int = 21
     interests_per_scenario: int = 3
     item_embedding: str = "id"
+    item_states: Optional[str] = None
     embedding_dim: int = 0
     dropout: Optional[float] = None
     table_prefix: str = "t_redrec"
@@ -198,6 +206,8 @@ class UserTowerConfig:
             raise ValueError(f"embedding_dim must be >= 0, got {self.embedding_dim}")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.item_states and self.item_embedding != "content":
+            raise ValueError("item_states is the item side of item_embedding='content'")
 
     @property
     def num_interests(self) -> int:
@@ -215,27 +225,31 @@ class UserTowerConfig:
 # --------------------------------------------------------------------------- LM loading
 
 
-def load_user_lm(cfg: UserTowerConfig) -> nn.Module:
-    """The base transformer (``AutoModel``) of ``cfg.model_path`` as ``cfg.init`` says,
-    local files only, with its token-embedding matrix replaced by a frozen placeholder
-    and a pooler removed."""
+def load_lm(path: str, init: str = "pretrained", dropout: Optional[float] = None,
+            trust_remote_code: bool = False) -> nn.Module:
+    """The base transformer (``AutoModel``) of the local checkpoint ``path`` as ``init``
+    says (``"pretrained"`` / ``"scratch"``: same architecture, random weights /
+    ``"frozen"``), with ``dropout`` overriding every dropout probability, its
+    token-embedding matrix replaced by a frozen placeholder (inputs are embeddings) and
+    a pooler removed (both would be parameters without gradients, which DDP rejects)."""
     from transformers import AutoConfig, AutoModel
 
     from torchrec_mm.content.encoder import _quiet_transformers
 
-    path = cfg.resolved_model_path()
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
     with _quiet_transformers():
-        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code,
+        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code,
                                                local_files_only=True)
-        if cfg.dropout is not None:
+        if dropout is not None:
             for attr in _DROPOUT_ATTRS:
                 if isinstance(getattr(hf_config, attr, None), float):
-                    setattr(hf_config, attr, float(cfg.dropout))
-        if cfg.init == "scratch":
-            lm = AutoModel.from_config(hf_config, trust_remote_code=cfg.trust_remote_code)
+                    setattr(hf_config, attr, float(dropout))
+        if init == "scratch":
+            lm = AutoModel.from_config(hf_config, trust_remote_code=trust_remote_code)
         else:
             lm = AutoModel.from_pretrained(path, config=hf_config, dtype=torch.float32,
-                                           trust_remote_code=cfg.trust_remote_code,
+                                           trust_remote_code=trust_remote_code,
                                            local_files_only=True)
     lm = lm.float()
     if getattr(lm, "pooler", None) is not None:
@@ -247,8 +261,39 @@ def load_user_lm(cfg: UserTowerConfig) -> nn.Module:
         lm.set_input_embeddings(placeholder)
     except NotImplementedError:
         lm.get_input_embeddings().weight.requires_grad_(False)
-    if cfg.init == "frozen":
+    if init == "frozen":
         lm.requires_grad_(False)
+    return lm
+
+
+def load_user_lm(cfg: UserTowerConfig) -> nn.Module:
+    """:func:`load_lm` of ``cfg.model_path`` (default: the bundled MiniLM) as
+    ``cfg.init`` says."""
+    return load_lm(cfg.resolved_model_path(), cfg.init, cfg.dropout, cfg.trust_remote_code)
+
+
+def keep_layers(lm: nn.Module, layers: int, keep: str = "top") -> nn.Module:
+    """Keeps ``layers`` transformer layers of ``lm`` (in place; returned): the last ones
+    (``keep="top"``) or the first (``"bottom"``); its config is updated to match, so
+    ``save_pretrained`` writes a loadable checkpoint."""
+    if keep not in ("top", "bottom"):
+        raise ValueError(f"keep must be 'top' or 'bottom', got {keep!r}")
+    text_cfg = lm.config.get_text_config()
+    total = int(text_cfg.num_hidden_layers)
+    if not 1 <= layers <= total:
+        raise ValueError(f"layers must be in [1, {total}], got {layers}")
+    stacks = [(name, m) for name, m in lm.named_modules()
+              if isinstance(m, nn.ModuleList) and len(m) == total and name]
+    if not stacks:
+        raise ValueError(f"no stack of {total} layers found in {type(lm).__name__}")
+    name, stack = stacks[0]
+    kept = list(stack)[total - layers:] if keep == "top" else list(stack)[:layers]
+    parent_name, _, attr = name.rpartition(".")
+    setattr(lm.get_submodule(parent_name) if parent_name else lm, attr, nn.ModuleList(kept))
+    text_cfg.num_hidden_layers = int(layers)
+    types = getattr(text_cfg, "layer_types", None)
+    if isinstance(types, list) and len(types) == total:
+        text_cfg.layer_types = types[total - layers:] if keep == "top" else types[:layers]
     return lm
 
 
@@ -257,17 +302,20 @@ def load_user_lm(cfg: UserTowerConfig) -> nn.Module:
 
 class UserTowerEncoder(nn.Module):
     """The dense part of the tower: input projection, LM, queries, output projection
-    (and, in content mode, the frozen item vectors with their projection). Replicated
-    (DDP) under DMP.
+    (and, in content mode, the item side with its projection: frozen item vectors or
+    the trainable item tower). Replicated (DDP) under DMP.
 
     Args:
         cfg: the tower config.
         lm: the transformer from :func:`load_user_lm`.
         item_vectors: ``[num_items, D_c]`` frozen item vectors (content mode only).
+        item_tower: the trainable item tower (content mode, instead of
+            ``item_vectors``).
     """
 
     def __init__(self, cfg: UserTowerConfig, lm: nn.Module,
-                 item_vectors: Optional[torch.Tensor] = None) -> None:
+                 item_vectors: Optional[torch.Tensor] = None,
+                 item_tower: Optional[nn.Module] = None) -> None:
         super().__init__()
         text_cfg = lm.config.get_text_config()
         self.hidden_size = int(text_cfg.hidden_size)
@@ -284,7 +332,16 @@ class UserTowerEncoder(nn.Module):
         self.queries = nn.Parameter(torch.empty(self.num_interests, self.hidden_size))
         self.output_proj = nn.Linear(self.hidden_size, self.dim)
         self.item_proj: Optional[nn.Linear] = None
-        if cfg.item_embedding == "content":
+        self.item_tower = item_tower
+        if item_tower is not None:
+            if cfg.item_embedding != "content" or item_vectors is not None:
+                raise ValueError("item_tower: only with item_embedding='content' and "
+                                 "without item_vectors")
+            if int(item_tower.num_items) != cfg.num_items:
+                raise ValueError(f"item_tower: made for {item_tower.num_items} items, the "
+                                 f"tower has num_items={cfg.num_items}")
+            self.item_proj = nn.Linear(int(item_tower.hidden_size), self.dim)
+        elif cfg.item_embedding == "content":
             if item_vectors is None:
                 raise ValueError("item_embedding='content' needs item_vectors "
                                  "[num_items, D_c]")
@@ -308,9 +365,13 @@ class UserTowerEncoder(nn.Module):
                 m.reset_parameters()
 
     def content_items(self, ids: torch.Tensor) -> torch.Tensor:
-        """``[n]`` item ids -> ``[n, d]`` projected frozen item vectors (content mode)."""
+        """``[n]`` item ids -> ``[n, d]`` projected item vectors (content mode); the item
+        tower runs once per distinct id."""
         assert self.item_proj is not None
-        return self.item_proj(self.item_vectors[ids])
+        if self.item_tower is None:
+            return self.item_proj(self.item_vectors[ids])
+        uniq, inverse = torch.unique(ids, return_inverse=True)
+        return self.item_proj(self.item_tower(uniq).to(self.queries.dtype))[inverse]
 
     def encode(self, events: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Runs the LM over ``[events; Q]`` per user.
@@ -451,9 +512,9 @@ def _prepare(cfg: UserTowerConfig, encoder: UserTowerEncoder,
     kjt = KeyedJaggedTensor.from_lengths_sync(
         keys=keys, values=torch.cat(values), lengths=torch.cat(lens).to(torch.int32))
     content_events = content_cands = None
-    if cfg.item_embedding == "content":
-        content_events = encoder.content_items(items)
-        content_cands = encoder.content_items(cand_ids)
+    if cfg.item_embedding == "content":  # one call: each distinct item encoded once
+        content = encoder.content_items(torch.cat([items, cand_ids]))
+        content_events, content_cands = content[:n], content[n:]
     return _Prepared(kjt, lengths, event_of_bit, n, content_events, content_cands,
                      cand_lengths)
 
@@ -491,7 +552,8 @@ class UserTower(nn.Module):
 
     Args:
         config: :class:`UserTowerConfig`.
-        item_vectors: ``[num_items, D_c]`` frozen item-tower vectors (content mode).
+        item_vectors: ``[num_items, D_c]`` frozen item-tower vectors (content mode
+            without ``config.item_states``).
         device: where the EC tables are built (``"meta"`` for DMP to materialise).
 
     Children: ``embeddings`` (the :class:`EmbeddingCollection`) and ``encoder``
@@ -508,7 +570,12 @@ class UserTower(nn.Module):
         super().__init__()
         self.config = dataclasses.replace(config)
         lm = load_user_lm(self.config)
-        self.encoder = UserTowerEncoder(self.config, lm, item_vectors)
+        item_tower = None
+        if self.config.item_states:
+            from torchrec_mm.redrec.item_tower import ItemTower
+
+            item_tower = ItemTower(self.config.item_states, dropout=self.config.dropout)
+        self.encoder = UserTowerEncoder(self.config, lm, item_vectors, item_tower)
         self.embeddings = EmbeddingCollection(
             tables=table_configs(self.config, self.encoder.dim), device=device)
 

@@ -33,11 +33,13 @@ The temperature is a :class:`LearnableTemperature` (``tau_init``; ``learnable_ta
 clamped after every step.
 
 **Item embeddings.** ``item_embedding="id"``: the tower's item-ID table (trained, shared
-by history and candidates). ``"content"``: the frozen vectors of a content store
+by history and candidates). ``"content"``: the item tower through the user tower's
+trainable projection, for history events, window items, negatives and the evaluated
+catalogue alike (so cold items are scored by content). The item tower is either the
+item LM trained jointly (``item_states``: the directory of ``redrec item-states``, its
+top layers train, :mod:`torchrec_mm.redrec.item_tower`; the paper's setting) or frozen
 (``content_store``, field ``content_field``, ``"emb_token"`` or ``"pooled"``; items the
-store lacks get the mean vector) through the tower's trainable projection, for history
-events, window items, negatives and the evaluated catalogue alike (so cold items are
-scored by content). Candidates (window items and negatives) go through the tower's
+store lacks get the mean vector; the paper's "Item LLM frozen"). Candidates (window items and negatives) go through the tower's
 ``cand_item_id`` feature: one jagged row per user holding its window items, the
 negatives appended to the last row; the model splits them apart again.
 
@@ -169,6 +171,8 @@ class RedRecConfig:
             (``model_path=None``: the bundled MiniLM).
         content_store / content_field: the frozen item vectors of
             ``item_embedding="content"`` (module doc).
+        item_states: instead, the item tower trained jointly (module doc); item_lr:
+            its learning rate (``None``: ``dense_lr``).
         policy / last_n / quotas: :class:`~torchrec_mm.redrec.sequences.MixConfig`.
         window: W, the look-ahead window (paper 10); min_history: events kept as input.
         cutoffs_per_user: random training cutoffs per user and epoch.
@@ -193,6 +197,8 @@ class RedRecConfig:
     item_embedding: str = "id"
     content_store: Optional[str] = None
     content_field: str = "emb_token"
+    item_states: Optional[str] = None
+    item_lr: Optional[float] = None
     embedding_dim: int = 0
     interests_per_scenario: int = 3
     dropout: Optional[float] = None
@@ -279,11 +285,20 @@ class RedRecConfig:
         if self.negative_alpha < 0:
             raise ValueError(f"RedRecConfig.negative_alpha: must be >= 0, got "
                              f"{self.negative_alpha}")
-        if self.item_embedding == "content" and not self.content_store:
-            raise ValueError("RedRecConfig: item_embedding='content' needs content_store "
-                             "(the output directory of `torchrec-mm content encode`)")
-        if self.item_embedding == "id" and self.content_store:
-            raise ValueError("RedRecConfig: content_store given but item_embedding='id'")
+        if self.item_embedding == "content" and \
+                bool(self.content_store) == bool(self.item_states):
+            raise ValueError("RedRecConfig: item_embedding='content' needs either "
+                             "content_store (frozen item vectors: the output directory of "
+                             "`torchrec-mm content encode`) or item_states (the item tower "
+                             "trained jointly: `torchrec-mm redrec item-states`), not both")
+        if self.item_embedding == "id" and (self.content_store or self.item_states):
+            raise ValueError("RedRecConfig: content_store / item_states given but "
+                             "item_embedding='id'")
+        if self.item_lr is not None and not (self.item_lr > 0 and math.isfinite(self.item_lr)):
+            raise ValueError(f"RedRecConfig.item_lr: must be finite and > 0, got {self.item_lr}")
+        if self.item_lr is not None and not self.item_states:
+            raise ValueError("RedRecConfig.item_lr: only with item_states (the trained item "
+                             "tower)")
         if not (0 < self.tau_init <= 1.0):
             raise ValueError(f"RedRecConfig.tau_init: must be in (0, 1], got {self.tau_init}")
         if not self.eval_ks or any(k < 1 for k in self.eval_ks):
@@ -484,7 +499,7 @@ class RedRecModel(nn.Module):
 
 
 def _item_vectors(cfg: RedRecConfig, num_items: int) -> Optional[torch.Tensor]:
-    if cfg.item_embedding != "content":
+    if cfg.item_embedding != "content" or cfg.item_states:
         return None
     from torchrec_mm.content.store import ContentStore
 
@@ -510,8 +525,8 @@ def build_model(cfg: RedRecConfig) -> RedRecModel:
         num_scenarios=len(meta.scenarios), num_actions=len(meta.actions),
         last_n=cfg.last_n, num_gap_buckets=mix_cfg.num_gap_buckets,
         interests_per_scenario=cfg.interests_per_scenario,
-        item_embedding=cfg.item_embedding, embedding_dim=cfg.embedding_dim,
-        dropout=cfg.dropout)
+        item_embedding=cfg.item_embedding, item_states=cfg.item_states,
+        embedding_dim=cfg.embedding_dim, dropout=cfg.dropout)
     return RedRecModel(UserTower(tower_cfg, item_vectors=vecs), cfg)
 
 
@@ -709,7 +724,8 @@ def run_rank(cfg: RedRecConfig, ctx: DistContext) -> Dict[str, Any]:
     model = _shard(unsharded, cfg, ctx)
     from torchrec_mm.training.trainer import make_optimizer
 
-    optimizer = make_optimizer(model, cfg)  # type: ignore[arg-type]  # duck-typed
+    dense_lrs = {"item_tower.": cfg.item_lr} if cfg.item_lr is not None else None
+    optimizer = make_optimizer(model, cfg, dense_lrs)  # type: ignore[arg-type]  # duck-typed
     ckpt_root = os.path.join(cfg.out, "checkpoints")
     latest = ckpt.latest_checkpoint(ckpt_root) if cfg.resume else None
     if latest is not None:

@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -209,9 +209,14 @@ def shard_model(model: nn.Module, cfg: TrainConfig, ctx: DistContext,
     return dmp
 
 
-def make_optimizer(model: DistributedModelParallel, cfg: TrainConfig) -> CombinedOptimizer:
+def make_optimizer(model: DistributedModelParallel, cfg: TrainConfig,
+                   dense_lrs: Optional[Mapping[str, float]] = None) -> CombinedOptimizer:
     """Fused optimizer of the sharded tables + a KeyedOptimizer for the data-parallel
-    tables (the embedding optimizer and lr) + one for the dense parameters."""
+    tables (the embedding optimizer and lr) + one for the dense parameters.
+
+    ``dense_lrs`` maps a parameter-name fragment to its own dense learning rate (e.g.
+    ``{"item_tower.": 1e-4}``): the dense parameters whose name contains it get a
+    dense optimizer of their own with that lr (the first fragment that matches)."""
     emb_names = getattr(model, "embedding_parameter_names", set())
     rest = {k: v for k, v in in_backward_optimizer_filter(model.named_parameters())
             if v.requires_grad}
@@ -219,8 +224,14 @@ def make_optimizer(model: DistributedModelParallel, cfg: TrainConfig) -> Combine
     dense = {k: v for k, v in rest.items() if k not in emb_names}
     dense_cls = torch.optim.Adam if cfg.dense_optimizer == "adam" else torch.optim.SGD
     emb_cls = EMBEDDING_OPTIMIZERS[cfg.embedding_optimizer]
-    optimizers = [model.fused_optimizer,
-                  KeyedOptimizerWrapper(dense, lambda p: dense_cls(p, lr=cfg.dense_lr))]
+    optimizers = [model.fused_optimizer]
+    for fragment, lr in (dense_lrs or {}).items():
+        group = {k: v for k, v in dense.items() if fragment in k}
+        dense = {k: v for k, v in dense.items() if k not in group}
+        if group:
+            optimizers.append(KeyedOptimizerWrapper(
+                group, lambda p, lr=float(lr): dense_cls(p, lr=lr)))
+    optimizers.append(KeyedOptimizerWrapper(dense, lambda p: dense_cls(p, lr=cfg.dense_lr)))
     if replicated_tables:
         optimizers.append(KeyedOptimizerWrapper(
             replicated_tables, lambda p: emb_cls(p, lr=cfg.embedding_lr)))
