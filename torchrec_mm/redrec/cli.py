@@ -10,6 +10,7 @@ snapshots for the ``redrec_user`` ranker feature, :mod:`torchrec_mm.redrec.user_
     torchrec-mm redrec train --data out/synth --out runs/redrec-joint \\
         --item-embedding content --item-states out/item-states     # item LM trained
     torchrec-mm redrec evaluate --run runs/redrec [--index HNSW32] [--split test_warm]
+    torchrec-mm redrec embed-items --run runs/redrec --out out/redrec/items --index HNSW32
     torchrec-mm redrec sasrec --data out/synth --out runs/sasrec --epochs 20 \\
         [--max-len 118] [--max-users 1000]
 
@@ -242,9 +243,19 @@ def _run_item_states(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_embed_items(args: argparse.Namespace) -> int:
+    from torchrec_mm.redrec.item_cache import embed_items
+
+    m = embed_items(args.run, args.out, args.index, args.batch_size,
+                    progress=not args.no_progress)
+    print(json.dumps({k: m[k] for k in ("num_items", "dim", "item_side", "checkpoint",
+                                        "index")}, indent=1))
+    return 0
+
+
 def register(subparsers: Any) -> None:
     """Adds ``redrec`` with the subcommands ``train``, ``evaluate``, ``sasrec``,
-    ``item-states`` and ``embed-users``."""
+    ``item-states``, ``embed-items`` and ``embed-users``."""
     p = subparsers.add_parser("redrec", help="RED-Rec user tower: train and evaluate; the "
                               "SASRec baseline",
                               description=__doc__,
@@ -279,6 +290,15 @@ def register(subparsers: Any) -> None:
     s.add_argument("--batch-size", type=int, default=64, help="items per forward")
     s.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     s.set_defaults(func=_run_item_states)
+    i = sub.add_parser("embed-items", help="the item tower's vectors of the whole catalogue "
+                       "for serving (with the faiss index factory to load them with)")
+    i.add_argument("--run", required=True, help="run directory of `redrec train`")
+    i.add_argument("--out", required=True, help="output directory")
+    i.add_argument("--index", default="Flat", help="faiss index_factory string (Flat: "
+                   "exact; HNSW32, IVF1024,Flat, ...)")
+    i.add_argument("--batch-size", type=int, default=1024, help="items per item-tower call")
+    i.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    i.set_defaults(func=_run_embed_items)
     from torchrec_mm.redrec.user_features import add_embed_users_parser
 
     add_embed_users_parser(sub)

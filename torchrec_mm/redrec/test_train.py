@@ -370,3 +370,49 @@ def test_experiment_step_trains_once(env):
     assert os.path.getmtime(os.path.join(out, "train_metrics.json")) == stamp
     with pytest.raises(ValueError, match="set by the experiment"):
         step(env["data"], out, {**opts, "out": "elsewhere"}, {})
+
+
+@pytest.mark.parametrize("side", ["id", "joint"])
+def test_embed_items_caches_the_item_side_for_serving(env, item_states, side):
+    """`redrec embed-items` writes exactly the vectors the trained tower gives its
+    candidates, loads them into a faiss index, reuses a finished output and refuses a
+    run whose config changed since."""
+    from torchrec_mm.redrec.item_cache import embed_items, load_item_index
+    from torchrec_mm.redrec.sequences import SEQ_FEATURES
+    from torchrec_mm.redrec.train import _with_candidates
+    from torchrec_mm.redrec.user_features import load_tower
+
+    kw = {} if side == "id" else dict(item_embedding="content", item_states=item_states)
+    run = str(env["root"] / f"serve_{side}")
+    train_redrec(_cfg(env, f"serve_{side}", max_steps=2, evaluate=False, **kw))
+    out = str(env["root"] / f"serve_{side}_items")
+    args = _parser().parse_args(["redrec", "embed-items", "--run", run, "--out", out,
+                                 "--batch-size", "100", "--no-progress"])
+    assert args.func(args) == 0
+    index, manifest = load_item_index(out)
+    assert manifest["item_side"] == ("id" if side == "id" else "item_states")
+    vecs = torch.from_numpy(index.index.reconstruct_n(0, NUM_ITEMS))
+    tower, cfg, _ = load_tower(run)
+    seq = mix(EventLog.from_dataset(env["data"]), np.array([0]), np.array([10 ** 12]),
+              cfg.mix_config())
+    kjt = _with_candidates(seq.to_kjt(SEQ_FEATURES), np.arange(NUM_ITEMS),
+                           np.array([NUM_ITEMS]))
+    with torch.no_grad():
+        interests, cands = tower.forward_with_items(kjt)
+    torch.testing.assert_close(vecs, cands.values(), rtol=0, atol=1e-5)
+    scores, ids = index.retrieve(interests, n=5)     # max over interests, exact
+    want = (interests[0] @ cands.values().T).max(0).values.topk(5)
+    np.testing.assert_array_equal(ids[0], want.indices.numpy())
+    stamp = os.stat(os.path.join(out, "items.safetensors")).st_mtime_ns
+    embed_items(run, out, progress=False)
+    assert os.stat(os.path.join(out, "items.safetensors")).st_mtime_ns == stamp
+    path = os.path.join(run, "config.json")
+    raw = json.loads(open(path).read())
+    raw["eval_seed"] = 7
+    with open(path, "w") as f:
+        json.dump(raw, f)
+    with pytest.raises(ValueError, match="run embed-items again"):
+        load_item_index(out)
+    with pytest.raises(ValueError, match="faiss cannot build"):
+        embed_items(run, str(env["root"] / "bad_index"), index="NoSuchIndex", progress=False)
+    assert not os.path.exists(str(env["root"] / "bad_index"))
