@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from torchrec_mm.utils.io import load_tensors, save_tensors, write_json
+from torchrec_mm.utils.io import load_tensors, read_manifest, save_tensors, write_json
 
 __all__ = ["catalogue_vectors", "embed_items", "load_item_index"]
 
@@ -97,15 +97,8 @@ def load_item_index(path: str, index: Optional[str] = None,
     from torchrec_mm.redrec.index import IndexConfig, ItemIndex
     from torchrec_mm.redrec.user_features import run_config_hash
 
-    manifest_path = os.path.join(path, MANIFEST_FILE)
-    if not os.path.exists(manifest_path):
-        raise FileNotFoundError(f"{path}: no {MANIFEST_FILE}; not a finished `redrec "
-                                "embed-items` directory")
-    with open(manifest_path) as f:
-        manifest = json.load(f)
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{manifest_path}: format {manifest.get('format')!r}, expected "
-                         f"{FORMAT!r}")
+    manifest = read_manifest(path, MANIFEST_FILE, FORMAT,
+                             "run `torchrec-mm redrec embed-items --run RUN --out DIR`")
     if check_run:
         _, digest = run_config_hash(manifest["run"])
         if digest != manifest["config_hash"]:

@@ -54,7 +54,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from torchrec_mm.utils.io import save_tensors, write_json
+from torchrec_mm.utils.io import read_manifest, save_tensors, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -81,17 +81,9 @@ class _PassThroughEmbeddings(nn.Module):
 def read_item_states_manifest(path: str) -> Dict[str, Any]:
     """The manifest of an item-states directory; raises naming the directory if it is
     not a finished one."""
-    manifest_path = os.path.join(path, MANIFEST_FILE)
-    if not os.path.exists(manifest_path):
-        raise FileNotFoundError(
-            f"{path}: no {MANIFEST_FILE}; not a finished item-states directory (make one "
-            "with `torchrec-mm redrec item-states --data DIR --out OUT --layers K`)")
-    with open(manifest_path) as f:
-        manifest = json.load(f)
-    if manifest.get("format") != ITEM_STATES_FORMAT:
-        raise ValueError(f"{manifest_path}: format {manifest.get('format')!r}, expected "
-                         f"{ITEM_STATES_FORMAT!r}")
-    return manifest
+    return read_manifest(path, MANIFEST_FILE, ITEM_STATES_FORMAT,
+                         "make one with `torchrec-mm redrec item-states --data DIR --out OUT "
+                         "--layers K`")
 
 
 def _items_fingerprint(ids: np.ndarray, texts: list) -> str:

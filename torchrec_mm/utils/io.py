@@ -65,6 +65,20 @@ def load_tensors(path: str) -> Dict[str, "torch.Tensor"]:
     return load_file(path, device="cpu")
 
 
+def read_manifest(directory: str, name: str, fmt: str, hint: str) -> Dict[str, Any]:
+    """``directory/name`` (a JSON manifest written last by a job) whose ``format`` must be
+    ``fmt``; a missing one raises FileNotFoundError ending with ``hint`` (how to make it)."""
+    path = os.path.join(directory, name)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{directory}: no {name}; not a finished output ({hint})")
+    with open(path) as f:
+        manifest = json.load(f)
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt:
+        got = manifest.get("format") if isinstance(manifest, dict) else None
+        raise ValueError(f"{path}: format {got!r}, expected {fmt!r}")
+    return manifest
+
+
 def _json_default(o: Any) -> Any:
     if hasattr(o, "numel") and hasattr(o, "tolist"):  # torch.Tensor
         return o.tolist() if o.numel() != 1 else o.item()
