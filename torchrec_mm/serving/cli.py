@@ -5,16 +5,31 @@ Also runnable as ``python -m torchrec_mm.serving.cli serve-items ...``.
 """
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import signal
 import sys
 import threading
-from typing import Any, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
+
+if TYPE_CHECKING:
+    from torchrec_mm.serving.service import ServeConfig
+
+
+def _defaults() -> Dict[str, Any]:
+    """:class:`~torchrec_mm.serving.service.ServeConfig`'s field defaults: the flags'
+    defaults are read from the dataclass, not repeated here."""
+    from torchrec_mm.serving.service import ServeConfig
+
+    return {f.name: f.default for f in dataclasses.fields(ServeConfig)}
 
 
 def register(subparsers: Any) -> None:
+    from torchrec_mm.qarm.codes import INDEXES
+
+    d = _defaults()
     p = subparsers.add_parser(
         "serve-items", help="encode new items and write their proxies/codes to item stores",
         description="Takes new items ({\"item_id\": int, \"text\": str, \"image_path\"?: str}) "
@@ -32,41 +47,80 @@ def register(subparsers: Any) -> None:
     m.add_argument("--qarm-align", metavar="ALIGN_DIR", help="output of `qarm align`")
     m.add_argument("--qarm-codes", metavar="CODES_DIR", help="output of `qarm codes`")
     m.add_argument("--qarm-store", metavar="LOC", help="item store of the QARM records")
-    m.add_argument("--z-rank", type=int, default=32,
+    m.add_argument("--z-rank", type=int, default=d["z_rank"],
                    help="principal components per layer group in the IDProxy 'z' field; "
-                        "the ranker's idproxy z_rank (default 32; 0: full states)")
-    m.add_argument("--device", default="cpu")
+                        "the ranker's idproxy z_rank (default %(default)s; 0: full states)")
+    m.add_argument("--vq-index", choices=INDEXES, default=d["vq_index"],
+                   help="VQ search of new items' QARM codes: flat = exact; ivf / hnsw = "
+                        "approximate faiss index, built at start (minutes for millions of "
+                        "codebook items); auto = flat up to the codes' exact_max_items "
+                        "codebook items, else ivf (default %(default)s)")
+    m.add_argument("--image-root", metavar="DIR", default=d["image_root"],
+                   help="base of relative image_path values sent over HTTP (default: the "
+                        "current directory; watched files: the file's directory). Only "
+                        "vision-language encoders read images")
+    m.add_argument("--device", default=d["device"],
+                   help="torch device of the encoders (default %(default)s)")
     s = p.add_argument_group("sources")
     s.add_argument("--watch", metavar="DIR", help="directory watched for *.jsonl item files")
     s.add_argument("--ledger", metavar="PATH",
                    help="processed-file ledger (default DIR/.serve-items-ledger.json)")
-    s.add_argument("--http-port", type=int, default=None, help="serve HTTP (0: any free port)")
-    s.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
+    s.add_argument("--http-port", type=int, default=d["http_port"],
+                   help="serve HTTP (0: any free port; default: no HTTP)")
+    s.add_argument("--host", default=d["host"], help="HTTP bind address (default %(default)s)")
     s.add_argument("--backfill", metavar="DATA_DIR",
                    help="first write the records of every catalogue item of this dataset "
                         "from the artefacts (no encoding)")
     lim = p.add_argument_group("limits")
-    lim.add_argument("--batch-size", type=int, default=32, help="items per batch / put")
-    lim.add_argument("--queue-items", type=int, default=1024, help="queue capacity in items")
-    lim.add_argument("--max-body-bytes", type=int, default=1 << 20)
-    lim.add_argument("--max-items-per-request", type=int, default=256)
-    lim.add_argument("--max-text-chars", type=int, default=20_000)
-    lim.add_argument("--capacity", type=int, default=None,
-                     help="item ids must be below this (e.g. the ranker's table size)")
-    lim.add_argument("--linger-s", type=float, default=0.0,
-                     help="an idle writer waits this long for more items to batch")
-    lim.add_argument("--poll-s", type=float, default=0.5, help="watch interval in seconds")
-    lim.add_argument("--min-file-age-s", type=float, default=0.0,
-                     help="read a watched file once its mtime is this old")
-    lim.add_argument("--request-timeout-s", type=float, default=120.0)
-    lim.add_argument("--backfill-batch-size", type=int, default=4096)
-    lim.add_argument("--no-sync", action="store_true",
+    lim.add_argument("--batch-size", type=int, default=d["batch_size"],
+                     help="items per batch / put (default %(default)s)")
+    lim.add_argument("--queue-items", type=int, default=d["queue_items"],
+                     help="queue capacity in items; beyond, POST /items answers 503 and the "
+                          "watcher waits (default %(default)s)")
+    lim.add_argument("--max-body-bytes", type=int, default=d["max_body_bytes"],
+                     help="largest POST /items body in bytes, else 413 (default %(default)s)")
+    lim.add_argument("--max-items-per-request", type=int, default=d["max_items_per_request"],
+                     help="most items in one POST /items, else 413 (default %(default)s)")
+    lim.add_argument("--max-text-chars", type=int, default=d["max_text_chars"],
+                     help="longest accepted item text in characters (default %(default)s)")
+    lim.add_argument("--max-file-bytes", type=int, default=d["max_file_bytes"],
+                     help="largest watched file read, in bytes; a larger one is marked "
+                          "failed in the ledger, unread: split it (default %(default)s = "
+                          f"{d['max_file_bytes'] / 2 ** 20:g} MiB)")
+    lim.add_argument("--capacity", type=int, default=d["capacity"],
+                     help="item ids must be below this (e.g. the ranker's table size; "
+                          "default: any id below 2**63)")
+    lim.add_argument("--linger-s", type=float, default=d["linger_s"],
+                     help="an idle writer waits this long in seconds for more items to "
+                          "batch (default %(default)s)")
+    lim.add_argument("--poll-s", type=float, default=d["poll_s"],
+                     help="watch interval in seconds (default %(default)s)")
+    lim.add_argument("--min-file-age-s", type=float, default=d["min_file_age_s"],
+                     help="read a watched file once its mtime is this old, in seconds "
+                          "(default %(default)s)")
+    lim.add_argument("--request-timeout-s", type=float, default=d["request_timeout_s"],
+                     help="seconds POST /items waits for its records to be written before "
+                          "answering 504 (the items stay queued; default %(default)s)")
+    lim.add_argument("--retry-after-s", type=int, default=d["retry_after_s"],
+                     help="Retry-After header of a 503, in whole seconds (default "
+                          "%(default)s)")
+    lim.add_argument("--retry-initial-s", type=float, default=d["retry_initial_s"],
+                     help="first wait in seconds before retrying a put to a store that is "
+                          "down; doubled after each failure (default %(default)s)")
+    lim.add_argument("--retry-max-s", type=float, default=d["retry_max_s"],
+                     help="longest wait in seconds between retries of a put to a store "
+                          "that is down (default %(default)s)")
+    lim.add_argument("--backfill-batch-size", type=int, default=d["backfill_batch_size"],
+                     help="records per put of --backfill (default %(default)s)")
+    lim.add_argument("--no-sync", dest="sync", action="store_false", default=d["sync"],
                      help="embedded stores: no fsync per put (still atomic on a kill)")
     lim.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_serve)
 
 
-def config_from_args(args: argparse.Namespace):  # -> ServeConfig
+def config_from_args(args: argparse.Namespace) -> "ServeConfig":
+    """The :class:`~torchrec_mm.serving.service.ServeConfig` of parsed ``serve-items``
+    flags (raises its ``ValueError`` on an invalid value or combination)."""
     from torchrec_mm.serving.service import ServeConfig
 
     return ServeConfig(
@@ -75,9 +129,12 @@ def config_from_args(args: argparse.Namespace):  # -> ServeConfig
         ledger=args.ledger, http_port=args.http_port, host=args.host,
         batch_size=args.batch_size, linger_s=args.linger_s, queue_items=args.queue_items,
         max_body_bytes=args.max_body_bytes, max_items_per_request=args.max_items_per_request,
-        max_text_chars=args.max_text_chars, capacity=args.capacity, z_rank=args.z_rank,
+        max_text_chars=args.max_text_chars, max_file_bytes=args.max_file_bytes,
+        capacity=args.capacity, z_rank=args.z_rank, image_root=args.image_root,
         poll_s=args.poll_s, min_file_age_s=args.min_file_age_s,
-        request_timeout_s=args.request_timeout_s, sync=not args.no_sync, device=args.device,
+        request_timeout_s=args.request_timeout_s, retry_after_s=args.retry_after_s,
+        retry_initial_s=args.retry_initial_s, retry_max_s=args.retry_max_s,
+        sync=args.sync, device=args.device, vq_index=args.vq_index,
         backfill_batch_size=args.backfill_batch_size)
 
 
