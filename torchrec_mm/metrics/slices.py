@@ -125,7 +125,9 @@ def popularity_groups(counts: Any, num_groups: int = 6, method: str = "items") -
         lc = torch.log1p(c)
         top = float(lc.max())
         if top > 0:
-            groups = torch.floor(lc / top * num_groups).to(torch.int64)
+            # + 1e-9: a count exactly on a bucket edge (e.g. log1p(1) / log1p(31) = 1/5)
+            # goes to the upper bucket whatever the float rounding of the ratio
+            groups = torch.floor(lc / top * num_groups + 1e-9).to(torch.int64)
         return groups.clamp_(0, num_groups - 1)
     sc, order = torch.sort(c, stable=True)
     new_run = torch.ones(n, dtype=torch.bool)
