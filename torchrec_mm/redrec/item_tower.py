@@ -54,6 +54,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from torchrec_mm.redrec.readout import forward_at
 from torchrec_mm.utils.io import read_manifest, save_tensors, write_json
 
 logger = logging.getLogger(__name__)
@@ -281,6 +282,6 @@ class ItemTower(nn.Module):
         x, mask, readout = self.inputs(ids)
         if ids.numel() == 0:
             return x.new_zeros(0, self.hidden_size).to(device)
-        h = self.lm(inputs_embeds=x.to(device), attention_mask=mask.long().to(device)
-                    ).last_hidden_state
-        return h[torch.arange(h.shape[0], device=device), readout.to(device)]
+        rows = torch.arange(x.shape[0], device=device)[:, None]
+        return forward_at(self.lm, x.to(device), mask.to(device), rows,
+                          readout.to(device)[:, None])[:, 0]

@@ -113,6 +113,7 @@ from torchrec.optim.fused import FusedOptimizerModule
 from torchrec.optim.keyed import KeyedOptimizer
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
+from torchrec_mm.redrec.readout import forward_at, layer_stack
 from torchrec_mm.redrec.sequences import (
     SEQ_ACTIONS,
     SEQ_GAP,
@@ -282,11 +283,8 @@ def keep_layers(lm: nn.Module, layers: int, keep: str = "top") -> nn.Module:
     total = int(text_cfg.num_hidden_layers)
     if not 1 <= layers <= total:
         raise ValueError(f"layers must be in [1, {total}], got {layers}")
-    stacks = [(name, m) for name, m in lm.named_modules()
-              if isinstance(m, nn.ModuleList) and len(m) == total and name]
-    if not stacks:
-        raise ValueError(f"no stack of {total} layers found in {type(lm).__name__}")
-    name, stack = stacks[0]
+    stack = layer_stack(lm)
+    name = next(n for n, m in lm.named_modules() if m is stack)
     kept = list(stack)[total - layers:] if keep == "top" else list(stack)[:layers]
     parent_name, _, attr = name.rpartition(".")
     setattr(lm.get_submodule(parent_name) if parent_name else lm, attr, nn.ModuleList(kept))
@@ -393,8 +391,8 @@ class UserTowerEncoder(nn.Module):
         rows = torch.arange(B, device=x.device)[:, None].expand(B, K)
         x = x.index_put((rows, q_pos), self.queries.to(x.dtype).expand(B, K, H))
         mask = (torch.arange(T + K, device=x.device)[None, :] < (lengths + K)[:, None])
-        h = self.lm(inputs_embeds=x, attention_mask=mask.long()).last_hidden_state
-        return F.normalize(self.output_proj(h[rows, q_pos]), dim=-1)
+        h = forward_at(self.lm, x, mask, rows, q_pos)                            # [B, K, H]
+        return F.normalize(self.output_proj(h), dim=-1)
 
 
 # --------------------------------------------------------------------------- the tower
