@@ -12,6 +12,14 @@ layer (MiniLM, BERT, RoBERTa, ELECTRA, ...: ``attention.self.{query,key,value}``
 2-layer user tower about 0.6x, a 1-layer item tower about 0.2x of the full forward
 (backward alike).
 
+With one or a few read positions even the keys and values need not be projected: the
+score of a query ``q`` against position ``t`` in head ``h`` is ``q_h . (W_k,h x_t +
+b_k,h) = (q_h W_k,h) . x_t + q_h . b_k,h``, and its context is ``W_v,h (sum_t a_t x_t)
++ b_v,h sum_t a_t``. Taking the query into the hidden space costs ``H^2`` per read
+position instead of ``2 T H^2`` per row, for ``2 T H`` per head and read position
+(the "absorbed" form, as in latent-attention decoders). Which form runs is chosen by
+multiply-add count (the item tower's single ``[EMB]`` read: absorbed).
+
 :func:`forward_at` runs the model's own code up to the last layer (its embedding
 layer, mask handling and lower layers, unchanged), then the last layer at the read
 positions from the same weights. The result equals the full forward's rows (float
@@ -87,31 +95,70 @@ def _stop_before(module: nn.Module, args, kwargs):
     raise _ReachedLastLayer(hidden)
 
 
+def _attention_absorbed(sa: nn.Module, x_at: torch.Tensor, hidden: torch.Tensor,
+                        mask: torch.Tensor, scale: float, dropout: float) -> torch.Tensor:
+    """Self-attention of ``P`` queries per row over ``T`` positions without projecting
+    the ``T`` keys and values: per head, ``q W_k`` is taken back to the hidden space and
+    scored against ``hidden`` directly; the attention-weighted ``hidden`` is projected
+    by ``W_v`` once. ``[B, P, H]`` queries' inputs, ``[B, T, H]`` -> ``[B, P, A]``."""
+    B, P, H = x_at.shape
+    heads = int(sa.num_attention_heads)
+    q = sa.query(x_at).view(B, P, heads, -1)                                # [B, P, h, d]
+    d = q.shape[-1]
+    w_k = sa.key.weight.view(heads, d, H)
+    scores = torch.einsum("bphk,btk->bpht", torch.einsum("bphd,hdk->bphk", q, w_k), hidden)
+    if sa.key.bias is not None:  # constant along t (cancels in the softmax), kept in the graph
+        scores = scores + (q * sa.key.bias.view(heads, d)).sum(-1, keepdim=True)
+    scores = (scores * scale).masked_fill(~mask[:, None, None, :], float("-inf"))
+    weights = F.dropout(torch.softmax(scores, -1), dropout, training=dropout > 0)
+    u = torch.einsum("bpht,btk->bphk", weights, hidden)                     # [B, P, h, H]
+    ctx = torch.einsum("bphk,hdk->bphd", u, sa.value.weight.view(heads, d, H))
+    if sa.value.bias is not None:  # the weights sum to 1 (to its dropout's sum in training)
+        ctx = ctx + weights.sum(-1, keepdim=True) * sa.value.bias.view(heads, d)
+    return ctx.reshape(B, P, heads * d)
+
+
+def _absorbed_is_cheaper(B: int, T: int, P: int, H: int, heads: int) -> bool:
+    """Multiply-adds of the two attention forms (the query projection and everything
+    after the context are the same in both)."""
+    projected = 2 * T * H * H + 2 * P * T * H           # K, V over T positions; QK^T, AV
+    absorbed = 2 * P * H * H + 2 * P * T * H * heads    # q W_k, u W_v; scores and sums in H
+    return absorbed < projected
+
+
 def _last_layer_at(layer: nn.Module, sa: nn.Module, hidden: torch.Tensor,
-                   mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
-                   ) -> torch.Tensor:
+                   mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                   absorbed: Optional[bool] = None) -> torch.Tensor:
     """A BERT-family layer at ``(rows, cols)`` only. ``hidden [B, T, H]`` its input,
-    ``mask [B, T]`` bool (True = a token), ``rows, cols [B, P]`` -> ``[B, P, H]``."""
-    B, T, _ = hidden.shape
+    ``mask [B, T]`` bool (True = a token), ``rows, cols [B, P]`` -> ``[B, P, H]``.
+    ``absorbed``: the attention form (``None``: the cheaper for these sizes)."""
+    B, T, H = hidden.shape
     P = rows.shape[1]
     heads = int(sa.num_attention_heads)
     x_at = hidden[rows, cols]                                               # [B, P, H]
-    q = sa.query(x_at).view(B, P, heads, -1).transpose(1, 2)                # [B, h, P, d]
-    k = sa.key(hidden).view(B, T, heads, -1).transpose(1, 2)                # [B, h, T, d]
-    v = sa.value(hidden).view(B, T, heads, -1).transpose(1, 2)
     scale = getattr(sa, "scaling", None)
+    if scale is None:
+        scale = (H // heads) ** -0.5
     dropout = float(sa.dropout.p) if sa.training and isinstance(
         getattr(sa, "dropout", None), nn.Dropout) else 0.0
-    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :],
-                                         dropout_p=dropout, scale=scale)
-    ctx = ctx.transpose(1, 2).reshape(B, P, -1)
+    if absorbed is None:
+        absorbed = _absorbed_is_cheaper(B, T, P, H, heads)
+    if absorbed:
+        ctx = _attention_absorbed(sa, x_at, hidden, mask, float(scale), dropout)
+    else:
+        q = sa.query(x_at).view(B, P, heads, -1).transpose(1, 2)            # [B, h, P, d]
+        k = sa.key(hidden).view(B, T, heads, -1).transpose(1, 2)            # [B, h, T, d]
+        v = sa.value(hidden).view(B, T, heads, -1).transpose(1, 2)
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :],
+                                             dropout_p=dropout, scale=float(scale))
+        ctx = ctx.transpose(1, 2).reshape(B, P, -1)
     attn = layer.attention.output(ctx, x_at)
     return layer.output(layer.intermediate(attn), attn)
 
 
 def forward_at(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-               rows: torch.Tensor, cols: torch.Tensor, fast: Optional[bool] = None
-               ) -> torch.Tensor:
+               rows: torch.Tensor, cols: torch.Tensor, fast: Optional[bool] = None,
+               absorbed: Optional[bool] = None) -> torch.Tensor:
     """``lm``'s last hidden states at the given positions.
 
     Args:
@@ -122,6 +169,9 @@ def forward_at(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch
             ``b``); every read position must be a token.
         fast: ``None`` = the fast path where :func:`supports_fast_readout`, ``False`` =
             always the full forward (the reference).
+        absorbed: the fast path's attention form: keys and values projected over every
+            position (``False``) or the query taken into the hidden space
+            (``True``); ``None`` = the one with fewer multiply-adds.
 
     Returns:
         ``[B, P, H]``, equal to ``lm(...).last_hidden_state[rows, cols]``.
@@ -144,4 +194,4 @@ def forward_at(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch
         raise RuntimeError("forward_at: the last layer was not reached")
     finally:
         handle.remove()
-    return _last_layer_at(last, sa, hidden, mask, rows, cols)
+    return _last_layer_at(last, sa, hidden, mask, rows, cols, absorbed)

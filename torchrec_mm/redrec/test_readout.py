@@ -46,28 +46,42 @@ def _inputs(lm, lengths, reads, seed):
 
 @settings(max_examples=25, deadline=None)
 @given(lengths=st.lists(st.integers(1, 12), min_size=1, max_size=5),
-       reads=st.integers(1, 4), seed=st.integers(0, 2 ** 16))
-def test_fast_path_equals_the_full_forward(bert, lengths, reads, seed):
-    """Any lengths (padding of any size), any read positions, repeated ones included."""
+       reads=st.integers(1, 4), seed=st.integers(0, 2 ** 16),
+       absorbed=st.sampled_from([None, False, True]))
+def test_fast_path_equals_the_full_forward(bert, lengths, reads, seed, absorbed):
+    """Any lengths (padding of any size), any read positions, repeated ones included,
+    either attention form."""
     assert supports_fast_readout(bert)
     x, mask, rows, cols = _inputs(bert, lengths, reads, seed)
     with torch.no_grad():
         want = forward_at(bert, x, mask, rows, cols, fast=False)
-        got = forward_at(bert, x, mask, rows, cols)
+        got = forward_at(bert, x, mask, rows, cols, absorbed=absorbed)
     assert got.shape == (len(lengths), reads, 32)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_minilm_values_and_gradients(minilm):
+def test_form_choice():
+    """The item tower's single read over a few dozen tokens takes the absorbed form, a
+    read of every position the projected one."""
+    from torchrec_mm.redrec.readout import _absorbed_is_cheaper
+
+    assert _absorbed_is_cheaper(B=512, T=52, P=1, H=384, heads=12)
+    assert _absorbed_is_cheaper(B=16, T=131, P=3, H=384, heads=12)
+    assert not _absorbed_is_cheaper(B=16, T=131, P=131, H=384, heads=12)
+
+
+@pytest.mark.parametrize("absorbed", [False, True])
+def test_minilm_values_and_gradients(minilm, absorbed):
     """The bundled MiniLM (6 layers, 384-d): outputs and the gradients of every
-    parameter and of the inputs match the full forward."""
+    parameter (the key bias's, zero in exact arithmetic, included) and of the inputs
+    match the full forward, in both attention forms."""
     x, mask, rows, cols = _inputs(minilm, [20, 7, 13], 3, seed=0)
     minilm.eval()  # dropout off: both paths are the same function
     outs, grads = [], []
     for fast in (False, True):
         minilm.zero_grad()
         xi = x.clone().requires_grad_(True)
-        y = forward_at(minilm, xi, mask, rows, cols, fast=fast)
+        y = forward_at(minilm, xi, mask, rows, cols, fast=fast, absorbed=absorbed)
         (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
         outs.append(y.detach())
         grads.append([xi.grad] + [p.grad.clone() if p.grad is not None else None
@@ -86,13 +100,14 @@ def test_dropout_in_training_mode(tmp_path):
     function in eval mode."""
     lm = load_lm(build_tiny_bert(str(tmp_path / "bert"), dropout=0.5))
     x, mask, rows, cols = _inputs(lm, [9, 4], 2, seed=1)
-    lm.train()
-    a = forward_at(lm, x, mask, rows, cols)
-    b = forward_at(lm, x, mask, rows, cols)
-    assert not torch.allclose(a, b)
-    lm.eval()
-    torch.testing.assert_close(forward_at(lm, x, mask, rows, cols),
-                               forward_at(lm, x, mask, rows, cols, fast=False))
+    for absorbed in (False, True):
+        lm.train()
+        a = forward_at(lm, x, mask, rows, cols, absorbed=absorbed)
+        b = forward_at(lm, x, mask, rows, cols, absorbed=absorbed)
+        assert not torch.allclose(a, b)
+        lm.eval()
+        torch.testing.assert_close(forward_at(lm, x, mask, rows, cols, absorbed=absorbed),
+                                   forward_at(lm, x, mask, rows, cols, fast=False))
 
 
 def test_other_architectures_take_the_full_forward(tmp_path):
