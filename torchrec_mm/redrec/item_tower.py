@@ -41,8 +41,8 @@ position only (:func:`~torchrec_mm.redrec.readout.forward_at`; for a BERT-family
 in the absorbed form, which projects no key or value): with ``k = 1`` a step costs the
 query, output and feed-forward of one token per distinct item plus ``O(T H)`` per
 head for its attention, 1/13 of running the layer over every token
-(``benchmarks/bench_redrec_readout.py``); a MovieLens 100K joint step is about 1.3x a
-step with frozen item vectors.
+(``benchmarks/bench_redrec_readout.py``); a MovieLens 100K joint run takes about 1.4x a run
+with frozen item vectors.
 """
 
 import copy
