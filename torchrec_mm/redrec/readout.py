@@ -28,23 +28,28 @@ with a final norm, cross-attention, ...) run the full forward and are read at th
 positions: the same values, without the saving.
 """
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["forward_at", "layer_stack", "supports_fast_readout"]
+__all__ = ["forward_at", "layer_stack", "named_layer_stack", "supports_fast_readout"]
 
 
-def layer_stack(lm: nn.Module) -> nn.ModuleList:
-    """The model's stack of transformer layers (the ``nn.ModuleList`` with
+def named_layer_stack(lm: nn.Module) -> Tuple[str, nn.ModuleList]:
+    """``(name, stack)`` of the model's transformer layers (the ``nn.ModuleList`` with
     ``num_hidden_layers`` entries); raises if there is none."""
     total = int(lm.config.get_text_config().num_hidden_layers)
     for name, m in lm.named_modules():
         if name and isinstance(m, nn.ModuleList) and len(m) == total:
-            return m
+            return name, m
     raise ValueError(f"no stack of {total} layers found in {type(lm).__name__}")
+
+
+def layer_stack(lm: nn.Module) -> nn.ModuleList:
+    """The model's stack of transformer layers (:func:`named_layer_stack`)."""
+    return named_layer_stack(lm)[1]
 
 
 def _bert_layer_parts(layer: nn.Module) -> Optional[nn.Module]:
@@ -68,20 +73,26 @@ def _bert_layer_parts(layer: nn.Module) -> Optional[nn.Module]:
     return sa
 
 
-def supports_fast_readout(lm: nn.Module) -> bool:
-    """Whether :func:`forward_at` computes ``lm``'s last layer at the read positions
-    only (a BERT-family encoder whose last layer's output is the model's output)."""
+def _fast_last_layer(lm: nn.Module) -> Optional[Tuple[nn.Module, nn.Module]]:
+    """``(last layer, its self-attention)`` when the fast path applies, else ``None``."""
     try:
         stack = layer_stack(lm)
     except ValueError:
-        return False
+        return None
     text_cfg = lm.config.get_text_config()
     if getattr(text_cfg, "is_decoder", False) or getattr(text_cfg, "add_cross_attention", False):
-        return False
+        return None
     # a norm or projection after the stack (decoder-only LMs) would be skipped
     if any(getattr(lm, a, None) is not None for a in ("norm", "final_layer_norm", "ln_f")):
-        return False
-    return _bert_layer_parts(stack[-1]) is not None
+        return None
+    sa = _bert_layer_parts(stack[-1])
+    return None if sa is None else (stack[-1], sa)
+
+
+def supports_fast_readout(lm: nn.Module) -> bool:
+    """Whether :func:`forward_at` computes ``lm``'s last layer at the read positions
+    only (a BERT-family encoder whose last layer's output is the model's output)."""
+    return _fast_last_layer(lm) is not None
 
 
 class _ReachedLastLayer(Exception):
@@ -177,14 +188,14 @@ def forward_at(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch
         ``[B, P, H]``, equal to ``lm(...).last_hidden_state[rows, cols]``.
     """
     mask = attention_mask.to(torch.bool)
-    use_fast = supports_fast_readout(lm) if fast is None else bool(fast)
-    if not use_fast:
+    parts = _fast_last_layer(lm) if fast is not False else None
+    if parts is None:
+        if fast:
+            raise ValueError(f"forward_at: {type(layer_stack(lm)[-1]).__name__} is not a "
+                             "BERT-family layer")
         h = lm(inputs_embeds=inputs_embeds, attention_mask=mask.long()).last_hidden_state
         return h[rows, cols]
-    last = layer_stack(lm)[-1]
-    sa = _bert_layer_parts(last)
-    if sa is None:
-        raise ValueError(f"forward_at: {type(last).__name__} is not a BERT-family layer")
+    last, sa = parts
     handle = last.register_forward_pre_hook(_stop_before, with_kwargs=True)
     try:
         lm(inputs_embeds=inputs_embeds, attention_mask=mask.long())

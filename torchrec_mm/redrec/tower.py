@@ -113,7 +113,7 @@ from torchrec.optim.fused import FusedOptimizerModule
 from torchrec.optim.keyed import KeyedOptimizer
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
-from torchrec_mm.redrec.readout import forward_at, layer_stack
+from torchrec_mm.redrec.readout import forward_at, named_layer_stack
 from torchrec_mm.redrec.sequences import (
     SEQ_ACTIONS,
     SEQ_GAP,
@@ -283,8 +283,7 @@ def keep_layers(lm: nn.Module, layers: int, keep: str = "top") -> nn.Module:
     total = int(text_cfg.num_hidden_layers)
     if not 1 <= layers <= total:
         raise ValueError(f"layers must be in [1, {total}], got {layers}")
-    stack = layer_stack(lm)
-    name = next(n for n, m in lm.named_modules() if m is stack)
+    name, stack = named_layer_stack(lm)
     kept = list(stack)[total - layers:] if keep == "top" else list(stack)[:layers]
     parent_name, _, attr = name.rpartition(".")
     setattr(lm.get_submodule(parent_name) if parent_name else lm, attr, nn.ModuleList(kept))
