@@ -606,13 +606,24 @@ def _check_batch(log: EventLog, users: np.ndarray, t_now: np.ndarray
 
 def _empty_output(B: int, N: int, users: np.ndarray, t_now: np.ndarray, cfg: MixConfig
                   ) -> MixedSequences:
-    full = lambda v, dt: np.full((B, N), v, dtype=dt)  # noqa: E731
+    # The padded fields are views of one buffer (8-byte fields first, so every view is
+    # aligned): one allocation instead of eight. Separate multi-MB arrays made glibc
+    # return the memory to the OS after every batch and fault it in again, which cost
+    # as much as the mixing itself at B = 4096, N = 128.
+    fields = [("item", np.int64, PAD), ("actions", np.int64, 0),
+              ("timestamp", np.int64, PAD), ("scenario", SMALL_INDEX, PAD),
+              ("hour", SMALL_INDEX, PAD), ("seq_pos", SMALL_INDEX, PAD),
+              ("gap_bucket", SMALL_INDEX, PAD), ("duration", np.float32, 0)]
+    sizes = [B * N * np.dtype(dt).itemsize for _, dt, _ in fields]
+    buf = np.empty(sum(sizes), dtype=np.uint8)
+    arrays, at = {}, 0
+    for (name, dt, fill), size in zip(fields, sizes):
+        arr = buf[at:at + size].view(dt).reshape(B, N)
+        arr.fill(fill)
+        arrays[name] = arr
+        at += size
     return MixedSequences(
-        item=full(PAD, np.int64), scenario=full(PAD, SMALL_INDEX), actions=full(0, np.int64),
-        hour=full(PAD, SMALL_INDEX), seq_pos=full(PAD, SMALL_INDEX),
-        gap_bucket=full(PAD, SMALL_INDEX),
-        timestamp=full(PAD, np.int64), duration=full(0, np.float32),
-        length=np.zeros(B, np.int64), users=users.copy(), t_now=t_now.copy(),
+        **arrays, length=np.zeros(B, np.int64), users=users.copy(), t_now=t_now.copy(),
         policy=cfg.policy, gap_edges=np.asarray(cfg.gap_buckets, dtype=np.int64))
 
 
@@ -661,7 +672,9 @@ def mix(log: EventLog, users: np.ndarray, t_now: np.ndarray, cfg: MixConfig) -> 
             # chronological merge: within a user, event index order == (time, row) order
             boff = np.repeat(np.arange(B, dtype=np.int64) * max(E, 1), length)
             gidx += boff
-            gidx.sort()
+            # each (b, s) block is already sorted: the stable sort (timsort) merges the
+            # runs, ~5x faster here than the default quicksort on B * N keys
+            gidx.sort(kind="stable")
             gidx -= boff
     # left-aligned rows: the boolean mask visits (b, col) in the order of gidx
     out.length = length.astype(np.int64)
