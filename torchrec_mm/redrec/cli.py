@@ -50,6 +50,18 @@ def _ks(text: str) -> tuple:
     return ks
 
 
+def _names(text: str) -> list:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("--target-actions: expected names like is_click")
+    return names
+
+
+_TARGET_ACTIONS_HELP = ("comma-separated actions that make an event a positive (e.g. "
+                        "is_click for an impression log): only those events are training "
+                        "and evaluation targets; default every event")
+
+
 def _add_eval_flags(p: argparse.ArgumentParser, protocol_only: bool = False) -> None:
     """Evaluation flags; ``protocol_only``: only those defining the cases (SASRec's
     evaluation scores exactly)."""
@@ -91,6 +103,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", choices=POLICIES, help="sequence mixing policy")
     p.add_argument("--last-n", type=int)
     p.add_argument("--window", type=int, help="W, the look-ahead window")
+    p.add_argument("--target-actions", type=_names, help=_TARGET_ACTIONS_HELP)
     p.add_argument("--cutoffs-per-user", type=int)
     p.add_argument("--loss", choices=["multi_interest", "single_interest"])
     p.add_argument("--nce-weight", type=float, help="weight of the next-item NCE term")
@@ -123,7 +136,7 @@ _NOT_OPTIONS = {"command", "redrec_command", "func", "config", "no_resume", "no_
 _SASREC_FLAGS = ("dim", "num_layers", "num_heads", "max_len", "dropout", "lr",
                  "weight_decay", "epochs", "batch_size", "negatives", "tau_init", "seed")
 _PROTOCOL_FLAGS = ("eval_split", "eval_num_targets", "eval_pool_size", "eval_ks",
-                   "eval_max_users", "eval_seed", "min_history")
+                   "eval_max_users", "eval_seed", "min_history", "target_actions")
 
 
 def _options(args: argparse.Namespace) -> Dict[str, Any]:
@@ -196,6 +209,7 @@ def _add_sasrec_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--min-history", type=int, help="events required before the cutoff "
                    "(default 1, as redrec train)")
+    p.add_argument("--target-actions", type=_names, help=_TARGET_ACTIONS_HELP)
     p.add_argument("--no-resume", action="store_true",
                    help="train again even if OUT holds a finished run of these settings")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")

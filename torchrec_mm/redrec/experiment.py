@@ -91,7 +91,8 @@ __all__ = [
 MODELS = ("redrec", "sasrec")
 #: RedRecConfig fields that define the evaluation cases: shared by every variant
 PROTOCOL_FIELDS: Tuple[str, ...] = ("eval_split", "eval_num_targets", "eval_pool_size",
-                                    "eval_ks", "eval_max_users", "eval_seed", "min_history")
+                                    "eval_ks", "eval_max_users", "eval_seed", "min_history",
+                                    "target_actions")
 _SET_BY_EXPERIMENT = ("data", "out", "seed")
 _REDREC_FIELDS = tuple(f.name for f in dataclasses.fields(RedRecConfig)
                        if f.name not in _SET_BY_EXPERIMENT)
@@ -178,6 +179,8 @@ def _sasrec_setup(data: str, out: str, options: Optional[Mapping[str, Any]],
                          f"{list(PROTOCOL_FIELDS)}")
     # the protocol a RED-Rec run with these settings evaluates on (same defaults)
     red = RedRecConfig(data=data, out=out, **ev)
+    # the positives RED-Rec trains and is evaluated on are SASRec's next-item targets
+    opts.setdefault("target_actions", red.target_actions)
     model = SASRecConfig(num_items=load_meta(data).num_items, **opts)
     return model, protocol_config(red), red.eval_split
 
@@ -222,7 +225,8 @@ def run_sasrec(data: str, out: str, options: Optional[Mapping[str, Any]] = None,
     os.makedirs(out, exist_ok=True)
     trained = train_sasrec(data, model_cfg, out_dir=out, progress=progress)
     model = trained.pop("model")
-    metrics = evaluate_sasrec(model, data, pcfg, target_split=split, progress=progress)
+    metrics = evaluate_sasrec(model, data, pcfg, target_split=split, progress=progress,
+                              target_actions=(eval_options or {}).get("target_actions"))
     write_json(done, {"config": run_cfg, "metrics": metrics})
     return {"config": run_cfg, "train": trained, "eval": metrics}
 
@@ -465,18 +469,17 @@ def _summary_line(variant: str, summary: Mapping[str, Mapping[str, Any]]) -> str
     return f"{variant:>16}: " + "  ".join(cell(n) for n in names + ["MRR"])
 
 
-def _cases_digest(data: str, pcfg: ProtocolConfig, split: str) -> Dict[str, Any]:
+def _cases_digest(data: str, pcfg: ProtocolConfig, split: str,
+                  target_actions: Optional[List[str]] = None) -> Dict[str, Any]:
     """Number and sha1 of the protocol's evaluation cases (users, cutoffs, targets,
     pool): identical for every variant by construction, recorded for the reader."""
     from torchrec_mm.data.io import load_meta
-    from torchrec_mm.data.split import load_split
     from torchrec_mm.redrec.protocol import make_eval_cases
     from torchrec_mm.redrec.sequences import EventLog
-    from torchrec_mm.redrec.train import EVAL_SPLITS
+    from torchrec_mm.redrec.train import eval_target_rows
 
     log = EventLog.from_dataset(data)
-    part = load_split(data).assign(log.item, log.timestamp, log.user)
-    rows = np.isin(part, np.array(EVAL_SPLITS[split], dtype=part.dtype))
+    rows = eval_target_rows(log, data, split, target_actions)
     cases = make_eval_cases(log.user_offsets, log.item, log.timestamp,
                             load_meta(data).num_items, pcfg, target_rows=rows)
     h = hashlib.sha1()
@@ -562,7 +565,7 @@ def run_retrieval_experiment(spec: Dict[str, Any], spec_path: str, data: str, ou
         raise RuntimeError(f"variants were evaluated on different numbers of cases: {counts}")
 
     protocol = {**dataclasses.asdict(pcfg), "split": split,
-                **_cases_digest(data, pcfg, split)}
+                **_cases_digest(data, pcfg, split, base.target_actions)}
     metrics = {"name": spec.get("name", os.path.basename(spec_path)), "task": "retrieval",
                "data": data, "seeds": spec.get("seeds", [0]), "protocol": protocol,
                "variants": results, "prepare": prepared, "timings_s": timings}

@@ -52,7 +52,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -115,6 +115,9 @@ class SASRecConfig:
             in-batch softmax is ``positions x positions``).
         negatives: M sampled negatives per step (shared by the batch), 0 for in-batch only.
         tau_init: initial temperature of the :class:`LearnableTemperature`.
+        target_actions: the actions that make an event a next-item target (e.g.
+            ``["is_click"]`` for an impression log; every event stays an input);
+            ``None``: every event.
         seed: initialisation, shuffling, dropout and negative sampling.
     """
 
@@ -130,6 +133,7 @@ class SASRecConfig:
     batch_size: int = 64
     negatives: int = 256
     tau_init: float = 0.07
+    target_actions: Optional[Tuple[str, ...]] = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -144,6 +148,14 @@ class SASRecConfig:
         if self.dim % self.num_heads:
             raise ValueError(f"SASRecConfig: dim={self.dim} is not divisible by "
                              f"num_heads={self.num_heads}")
+        if self.target_actions is not None:
+            if isinstance(self.target_actions, str):
+                self.target_actions = [self.target_actions]
+            self.target_actions = tuple(self.target_actions)
+            if not self.target_actions or not all(
+                    isinstance(a, str) and a for a in self.target_actions):
+                raise ValueError(f"SASRecConfig.target_actions: a non-empty list of action "
+                                 f"names expected, got {self.target_actions!r}")
 
 
 # --------------------------------------------------------------------------- features
@@ -340,6 +352,14 @@ def make_training_segments(log: EventLog, max_len: int) -> np.ndarray:
         [S, max_len + 1] int64 item ids, left-aligned, ``-1`` padding (every row >= 2
         events).
     """
+    rows = training_segment_events(log, max_len)
+    return np.where(rows >= 0, log.item[np.maximum(rows, 0)] if log.num_events else -1,
+                    -1).astype(np.int64)
+
+
+def training_segment_events(log: EventLog, max_len: int) -> np.ndarray:
+    """The segments of :func:`make_training_segments` as [S, max_len + 1] int64 event
+    indices into ``log`` (``-1`` padding)."""
     off = log.user_offsets.astype(np.int64)
     n = np.diff(off)
     segs = np.where(n >= 2, -(-(n - 1) // max_len), 0)
@@ -349,9 +369,7 @@ def make_training_segments(log: EventLog, max_len: int) -> np.ndarray:
     start = off[seg_user] + k * max_len
     length = np.minimum(start + max_len + 1, off[seg_user + 1]) - start
     col = np.arange(max_len + 1, dtype=np.int64)[None, :]
-    valid = col < length[:, None]
-    idx = np.minimum(start[:, None] + col, max(log.num_events - 1, 0))
-    return np.where(valid, log.item[idx] if log.num_events else -1, -1).astype(np.int64)
+    return np.where(col < length[:, None], start[:, None] + col, -1).astype(np.int64)
 
 
 def _as_log(data: Union[str, EventLog], split_filter: Optional[str]) -> EventLog:
@@ -375,7 +393,15 @@ def fit_sasrec(log: EventLog, cfg: SASRecConfig, progress: bool = True
         raise ValueError(f"log row {int(log.row[r])}: item_id {int(log.item[r])} outside "
                          f"[0, num_items={cfg.num_items})")
     t0 = time.time()
-    segments = torch.from_numpy(make_training_segments(log, cfg.max_len))
+    events = training_segment_events(log, cfg.max_len)
+    segments = torch.from_numpy(np.where(
+        events >= 0, log.item[np.maximum(events, 0)] if log.num_events else -1, -1))
+    # next-item targets: every event, or those with one of target_actions
+    targets = segments[:, 1:].clone()
+    if cfg.target_actions is not None:
+        engaged = log.action_mask(cfg.target_actions, "SASRec (target_actions)")
+        ok = (events[:, 1:] >= 0) & engaged[np.maximum(events[:, 1:], 0)]
+        targets[~torch.from_numpy(ok)] = -1
     train_items = torch.from_numpy(np.unique(log.item))
     gen = torch.Generator().manual_seed(cfg.seed)
     with torch.random.fork_rng():
@@ -391,9 +417,12 @@ def fit_sasrec(log: EventLog, cfg: SASRecConfig, progress: bool = True
             perm = torch.randperm(segments.shape[0], generator=gen)
             total, count = 0.0, 0
             for i in range(0, segments.shape[0], cfg.batch_size):
-                seg = segments[perm[i:i + cfg.batch_size]]
-                inp, tgt = seg[:, :-1], seg[:, 1:]
-                inp = inp.masked_fill(tgt < 0, -1)  # the last event is a target only
+                rows = perm[i:i + cfg.batch_size]
+                seg, tgt = segments[rows], targets[rows]
+                inp = seg[:, :-1].masked_fill(seg[:, 1:] < 0, -1)  # the last event: target only
+                if not bool((tgt >= 0).any()):
+                    bar.update(1)
+                    continue
                 neg = (train_items[torch.randint(train_items.numel(), (cfg.negatives,),
                                                  generator=gen)]
                        if cfg.negatives else None)
@@ -418,7 +447,7 @@ def fit_sasrec(log: EventLog, cfg: SASRecConfig, progress: bool = True
     model.eval()
     metrics = {"loss": losses, "tau": float(model.temperature()),
                "num_segments": int(segments.shape[0]),
-               "num_targets": int((segments[:, 1:] >= 0).sum()),
+               "num_targets": int((targets >= 0).sum()),
                "num_train_events": int(log.num_events), "seconds": time.time() - t0,
                "config": dataclasses.asdict(cfg)}
     return model, metrics
@@ -481,7 +510,8 @@ def evaluate_sasrec(model: SASRec, data_dir: Union[str, EventLog],
                     target_split: str = "test",
                     target_rows: Optional[np.ndarray] = None,
                     progress: bool = True,
-                    return_per_user: bool = False) -> Dict[str, Any]:
+                    return_per_user: bool = False,
+                    target_actions: Optional[List[str]] = None) -> Dict[str, Any]:
     """RED-Rec protocol metrics of a SASRec model (same cases as RED-Rec).
 
     Args:
@@ -495,6 +525,8 @@ def evaluate_sasrec(model: SASRec, data_dir: Union[str, EventLog],
         target_rows: [E] bool over the *log's* rows instead of ``target_split`` (the
             only choice for an :class:`EventLog`; default every event).
         progress, return_per_user: as in :func:`evaluate_multi_interest`.
+        target_actions: further restrict the targets to events with one of these actions
+            (as ``RedRecConfig.target_actions``).
 
     Returns:
         ``{"HR@K", "NDCG@K", "MRR@K" for K in ks, "MRR", "num_users", "num_candidates",
@@ -517,6 +549,9 @@ def evaluate_sasrec(model: SASRec, data_dir: Union[str, EventLog],
         target_split = "all"
     else:
         target_split = "custom"
+    if target_actions is not None:
+        engaged = log.action_mask(target_actions, "evaluate_sasrec (target_actions)")
+        target_rows = engaged if target_rows is None else np.asarray(target_rows) & engaged
     cases = make_eval_cases(log.user_offsets, log.item, log.timestamp,
                             model.config.num_items, cfg, target_rows)
     vecs = sasrec_case_vectors(model, log, cases)

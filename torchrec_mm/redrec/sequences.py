@@ -133,6 +133,27 @@ _SPLIT_CODES = {"train": (TRAIN,), "test_warm": (TEST_WARM,), "test_cold": (TEST
 # --------------------------------------------------------------------------- log
 
 
+def action_bits(action_names: Sequence[str], names: Sequence[str],
+                source: str = "the event log") -> int:
+    """The bit mask of the actions ``names`` in an ``actions`` column whose bit ``k``
+    is ``action_names[k]``.
+
+    Raises:
+        ValueError: no names, or an unknown one (naming ``source`` and the known ones).
+    """
+    names = list(names)
+    if not names:
+        raise ValueError(f"{source}: no action names given")
+    unknown = [n for n in names if n not in action_names]
+    if unknown:
+        raise ValueError(f"{source}: unknown action(s) {unknown}; its actions are "
+                         f"{list(action_names)}")
+    bits = 0
+    for n in names:
+        bits |= 1 << list(action_names).index(n)
+    return bits
+
+
 @dataclass(eq=False)
 class EventLog:
     """All events of a dataset as CSR by user, each user's events in time order.
@@ -206,6 +227,15 @@ class EventLog:
     @property
     def num_users(self) -> int:
         return int(self.user_offsets.shape[0] - 1)
+
+    def action_mask(self, names: Sequence[str], source: str = "the event log") -> np.ndarray:
+        """[E] bool: events with at least one of the actions ``names`` (e.g.
+        ``["is_click"]``: the engaged events of an impression log).
+
+        Raises:
+            ValueError: an unknown action name (naming ``source`` and the known ones).
+        """
+        return (self.actions & action_bits(self.action_names, names, source)) != 0
 
     @property
     def num_events(self) -> int:
@@ -759,34 +789,44 @@ def mix_reference(log: EventLog, users: np.ndarray, t_now: np.ndarray,
 
 
 def split_window(seq: MixedSequences, w: int, min_input: int = 1,
-                 rebase_gaps: bool = True) -> Tuple[MixedSequences, np.ndarray]:
+                 rebase_gaps: bool = True, eligible: Optional[np.ndarray] = None
+                 ) -> Tuple[MixedSequences, np.ndarray]:
     """Splits off the training window (paper eq. (5): the user tower reads
     ``H[:-W]``; the last ``W`` events are the targets of the window loss).
 
-    A row of length ``L`` gives ``n_t = clip(L - min_input, 0, w)`` targets, the
-    ``n_t`` most recent events, so that at least ``min_input`` events stay in the
-    input whenever ``L >= min_input`` (short users get fewer targets, a user with
-    ``L <= min_input`` none).
+    A row of length ``L`` has a window of ``n_t = clip(L - min_input, 0, w)`` events,
+    the ``n_t`` most recent, so that at least ``min_input`` events stay in the input
+    whenever ``L >= min_input`` (short users get a shorter window, a user with
+    ``L <= min_input`` none). Every window event leaves the input; with ``eligible``
+    only the eligible ones become targets (e.g. the clicks of an impression log: the
+    window's engaged events are its positives).
 
     Args:
         seq: mixed sequences.
         w: W, the window size (>= 0).
         min_input: events kept in the input before any target is taken.
         rebase_gaps: recompute ``gap_bucket`` of the inputs relative to the earliest
-            target time (the moment the tower predicts from) and set ``t_now`` to it,
-            so train-time gaps mean what they mean at serving time. Rows without
-            targets keep their ``t_now``; ``"1d_position"`` keeps its constant gaps.
-            Only ``"concat"`` can have inputs later than a target (its tail is the
-            last scenario block, not the latest events); their gap is bucket 0.
+            window event's time (the moment the tower predicts from) and set ``t_now``
+            to it, so train-time gaps mean what they mean at serving time. Rows
+            without a window keep their ``t_now``; ``"1d_position"`` keeps its
+            constant gaps. Only ``"concat"`` can have inputs later than a window event
+            (its tail is the last scenario block, not the latest events); their gap
+            is bucket 0.
+        eligible: optional [B, N] bool over ``seq``'s positions, the events that may
+            be targets (default: every event).
 
     Returns:
         ``(inputs, targets)``: ``inputs`` is ``seq`` with its last ``n_t`` events
-        turned into padding (``length - n_t``); ``targets`` is [B, w] int64 item ids,
-        chronological (oldest first), left-aligned, padded with ``-1``.
+        turned into padding (``length - n_t``); ``targets`` is [B, w] int64 item ids
+        of the window's (eligible) events, chronological (oldest first),
+        left-aligned, padded with ``-1``.
     """
     if w < 0 or min_input < 0:
         raise ValueError(f"w and min_input must be >= 0, got w={w}, min_input={min_input}")
     B, N = seq.batch_size, seq.last_n
+    if eligible is not None and np.shape(eligible) != (B, N):
+        raise ValueError(f"eligible: expected a [B={B}, N={N}] bool array, got shape "
+                         f"{np.shape(eligible)}")
     n_t = np.clip(seq.length - min_input, 0, w)
     n_in = seq.length - n_t
     cols = np.arange(N)[None, :]
@@ -797,6 +837,12 @@ def split_window(seq: MixedSequences, w: int, min_input: int = 1,
         tmask = tcols < n_t[:, None]
         src = np.minimum(n_in[:, None] + tcols, N - 1)
         targets[tmask] = np.take_along_axis(seq.item, src, axis=1)[tmask]
+        if eligible is not None:
+            keep = tmask & np.take_along_axis(np.asarray(eligible, dtype=bool), src, axis=1)
+            # left-align the kept targets, chronological order unchanged
+            order = np.argsort(~keep, axis=1, kind="stable")
+            targets = np.where(np.take_along_axis(keep, order, axis=1),
+                               np.take_along_axis(targets, order, axis=1), PAD)
     fields = {}
     for name in MixedSequences._PADDED:
         arr = getattr(seq, name).copy()

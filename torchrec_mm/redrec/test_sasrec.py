@@ -126,6 +126,34 @@ def test_training_segments_cover_each_target_once():
     np.testing.assert_array_equal(np.sort(tgt), np.setdiff1d(items, first))
 
 
+def test_target_actions_restrict_next_item_targets():
+    """target_actions: only engaged events are next-item targets (all stay inputs), in
+    training and in evaluate_sasrec."""
+    rng = np.random.default_rng(0)
+    lens = [5, 9, 1, 6]
+    users = np.repeat(np.arange(len(lens)), lens)
+    n = users.size
+    acts = rng.integers(0, 2, n)
+    log = EventLog.from_arrays(users, rng.integers(0, 30, n), np.zeros(n, np.int64), acts,
+                               np.arange(n), num_scenarios=1, action_names=["is_click"])
+    first = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    kw = dict(num_items=30, dim=16, num_layers=1, max_len=3, epochs=1, batch_size=2,
+              negatives=4)
+    model, m = fit_sasrec(log, SASRecConfig(target_actions=["is_click"], **kw),
+                          progress=False)
+    assert m["num_targets"] == int(acts.sum() - acts[first].sum()) > 0
+    assert fit_sasrec(log, SASRecConfig(**kw), progress=False)[1]["num_targets"] == \
+        n - len(lens)
+    with pytest.raises(ValueError, match=r"unknown action\(s\) \['click'\]"):
+        fit_sasrec(log, SASRecConfig(target_actions=["click"], **kw), progress=False)
+    pcfg = ProtocolConfig(pool_size=30, ks=(10,))
+    res = evaluate_sasrec(model, log, pcfg, target_actions=["is_click"], progress=False)
+    cases = make_eval_cases(log.user_offsets, log.item, log.timestamp, 30, pcfg,
+                            log.action_mask(["is_click"]))
+    assert res["num_users"] == len(cases) > 0
+    assert (acts[cases.cutoff_index.numpy()] == 1).all()
+
+
 # --------------------------------------------------------------------------- planted signal
 
 

@@ -16,6 +16,7 @@ from torchrec_mm.redrec.sequences import (
     EventLog,
     MixConfig,
     MixedSequences,
+    action_bits,
     allocate_quotas,
     mix,
     mix_reference,
@@ -405,3 +406,40 @@ def test_from_dataset_and_split_filter(tiny_dataset):
     t_now = np.full(60, int(cols["timestamp"].max()) + 1)
     _assert_same(mix(train, users, t_now, MixConfig(last_n=32)),
                  mix_reference(train, users, t_now, MixConfig(last_n=32)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), w=st.integers(0, 6), min_input=st.integers(0, 3))
+def test_split_window_eligible_targets(seed, w, min_input):
+    """With ``eligible``, the window leaves the input exactly as without it, and the
+    targets are the window's eligible events, in order, left-aligned."""
+    rng = np.random.default_rng(seed)
+    log = _random_log(rng, 6, 120, 3, 1_000_000)
+    seq = mix(log, np.arange(6), rng.integers(0, 10**6, 6), MixConfig(last_n=12))
+    eligible = rng.random(seq.item.shape) < 0.4
+    inputs, targets = split_window(seq, w, min_input, eligible=eligible)
+    plain_inputs, _ = split_window(seq, w, min_input)
+    _assert_same(inputs, plain_inputs)
+    assert targets.shape == (6, w)
+    for b in range(6):
+        L = int(seq.length[b])
+        n_t = int(np.clip(L - min_input, 0, w))
+        want = [int(seq.item[b, c]) for c in range(L - n_t, L) if eligible[b, c]]
+        assert targets[b, :len(want)].tolist() == want
+        assert (targets[b, len(want):] == PAD).all()
+    with pytest.raises(ValueError, match="eligible"):
+        split_window(seq, w, min_input, eligible=eligible[:, :3])
+
+
+def test_action_mask_and_bits():
+    log = EventLog.from_arrays(np.zeros(4, np.int64), np.arange(4), np.zeros(4, np.int64),
+                               np.array([0, 1, 2, 3]), np.arange(4), num_scenarios=1,
+                               action_names=["is_click", "is_like"])
+    assert action_bits(log.action_names, ["is_like"]) == 2
+    assert log.action_mask(["is_click"]).tolist() == [False, True, False, True]
+    assert log.action_mask(["is_click", "is_like"]).tolist() == [False, True, True, True]
+    with pytest.raises(ValueError, match=r"data/x: unknown action\(s\) \['click'\]; its "
+                                         r"actions are \['is_click', 'is_like'\]"):
+        log.action_mask(["click"], "data/x")
+    with pytest.raises(ValueError, match="no action names"):
+        log.action_mask([])

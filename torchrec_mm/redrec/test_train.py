@@ -21,13 +21,15 @@ from torchrec_mm.redrec.losses import (
     nce_loss,
     single_interest_loss,
 )
-from torchrec_mm.redrec.sequences import EventLog, mix, split_window
+from torchrec_mm.redrec.protocol import make_eval_cases
+from torchrec_mm.redrec.sequences import SEQ_ITEM, EventLog, mix, split_window
 from torchrec_mm.redrec.test_tower import build_tiny_bert
 from torchrec_mm.redrec.tower import CAND_ITEM
 from torchrec_mm.redrec.train import (
     RedRecConfig,
     _shard,
     build_model,
+    eval_target_rows,
     evaluate_redrec,
     evaluate_run,
     load_redrec_config,
@@ -135,6 +137,37 @@ def test_training_samples_and_batch_layout(env):
     assert cand.lengths().tolist()[:-1] == valid.sum(1).tolist()[:-1]
     assert int(cand.lengths()[-1]) == valid.sum(1)[-1] + neg.size
     assert cand.values().tolist() == targets[valid].tolist() + neg.tolist()
+
+
+def test_target_actions_in_training_and_evaluation(env):
+    """target_actions=['is_click']: a batch's window targets are the window's clicked
+    events (every window event still leaves the input); evaluation targets are clicks."""
+    cfg = _cfg(env, "clicks", target_actions=["is_click"], min_history=2)
+    log = EventLog.from_dataset(env["data"], split_filter="train")
+    users, t_now = training_samples(log, cfg, epoch=0)
+    neg = sample_negatives(NUM_ITEMS, cfg, None, 0, 0)
+    batch = make_batch(log, users[:16], t_now[:16], cfg, neg)
+    seq = mix(log, users[:16], t_now[:16], cfg.mix_config())
+    inputs, every = split_window(seq, cfg.window, min_input=2)
+    _, clicked = split_window(seq, cfg.window, 2, eligible=(seq.actions & 1) != 0)
+    assert torch.equal(batch.window_ids, torch.from_numpy(clicked))
+    assert 0 < (clicked >= 0).sum() < (every >= 0).sum()
+    assert batch.features[SEQ_ITEM].lengths().tolist() == inputs.length.tolist()
+    assert batch.features[CAND_ITEM].values().tolist() == clicked[clicked >= 0].tolist() + \
+        neg.tolist()
+
+    full = EventLog.from_dataset(env["data"])
+    rows = eval_target_rows(full, env["data"], "test", ["is_click"])
+    assert rows.any() and not (rows & ((full.actions & 1) == 0)).any()
+    assert rows.sum() < eval_target_rows(full, env["data"], "test").sum()
+    with pytest.raises(ValueError, match=r"\(target_actions\): unknown action\(s\) \['click'\]"):
+        eval_target_rows(full, env["data"], "test", ["click"])
+    cases = make_eval_cases(full.user_offsets, full.item, full.timestamp, NUM_ITEMS,
+                            cfg.protocol(), target_rows=rows)
+    assert ((full.actions[cases.cutoff_index.numpy()] & 1) == 1).all()
+    assert _untrained_metrics(cfg)["num_users"] == len(cases)
+    with pytest.raises(ValueError, match="target_actions"):
+        _cfg(env, "bad", target_actions=[])
 
 
 @pytest.mark.parametrize("loss_kind", ["multi_interest", "single_interest"])

@@ -12,7 +12,9 @@ to and including the ``c``-th). :func:`~torchrec_mm.redrec.sequences.mix` builds
 mixed sequence of at most ``last_n`` events before ``t_now`` (``policy``, ``quotas``);
 :func:`~torchrec_mm.redrec.sequences.split_window` (``W = window``, ``min_input =
 min_history``) gives the tower input ``H[:-W]`` and the ``<= W`` window targets (the
-first = the next item). Samples are shuffled per epoch (``[seed, epoch, 1]``); step
+first = the next item). With ``target_actions`` (e.g. ``["is_click"]`` on an impression
+log) only the window's events with one of those actions are targets; the others still
+leave the input. Samples are shuffled per epoch (``[seed, epoch, 1]``); step
 ``j`` of an epoch takes the global batch ``perm[j*R*B:(j+1)*R*B]`` and rank ``r`` its
 rows ``r*B:(r+1)*B`` (the last partial global batch is dropped).
 
@@ -48,8 +50,8 @@ random-cutoff protocol (:func:`make_eval_cases`) *restricted to the test period*
 log is the full dataset, every event of the user before the cutoff is history (also
 test-period events before it: they happened before the moment of the prediction), but
 only events of ``eval_split`` (``"test"`` = ``test_warm`` + ``test_cold``: events at or
-after the split's time cut, or of a cold item; ``"test_warm"``; ``"test_cold"``) may be
-a cutoff/target, so the cutoff falls in the test period and every target is an event
+after the split's time cut, or of a cold item; ``"test_warm"``; ``"test_cold"``) with
+one of ``target_actions`` (when set) may be a cutoff/target, so the cutoff falls in the test period and every target is an event
 the training never saw. Each evaluated user gets one cutoff (seeded, ``eval_seed``);
 its targets are the next ``eval_num_targets`` eligible events. History of a case:
 ``mix`` of the user's events before ``cutoff_time`` with ``eval_last_n`` (default
@@ -85,7 +87,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -115,6 +117,7 @@ from torchrec_mm.redrec.sequences import (
     SEQ_FEATURES,
     EventLog,
     MixConfig,
+    action_bits,
     mix,
     split_window,
 )
@@ -175,6 +178,10 @@ class RedRecConfig:
             its learning rate (``None``: ``dense_lr``).
         policy / last_n / quotas: :class:`~torchrec_mm.redrec.sequences.MixConfig`.
         window: W, the look-ahead window (paper 10); min_history: events kept as input.
+        target_actions: the actions that make an event a positive (e.g. ``["is_click"]``
+            for an impression log): only such events are window targets in training
+            and targets in evaluation; every event stays in the history with its action
+            flags. ``None``: every event (a log of engagements only, e.g. ratings).
         cutoffs_per_user: random training cutoffs per user and epoch.
         loss: ``"multi_interest"`` | ``"single_interest"``; single_pool: ``"mean"`` |
             ``"first"``; nce_weight: weight of the next-item NCE (eq. 6) added to it.
@@ -207,6 +214,7 @@ class RedRecConfig:
     quotas: Optional[Dict[str, int]] = None
     window: int = 10
     min_history: int = 1
+    target_actions: Optional[Tuple[str, ...]] = None
     cutoffs_per_user: int = 1
     loss: str = "multi_interest"
     single_pool: str = "mean"
@@ -275,6 +283,14 @@ class RedRecConfig:
         if self.last_n <= self.window:
             raise ValueError(f"RedRecConfig.last_n ({self.last_n}) must exceed window "
                              f"({self.window}): the input is H[:-W]")
+        if self.target_actions is not None:
+            if isinstance(self.target_actions, str):
+                self.target_actions = [self.target_actions]
+            self.target_actions = tuple(self.target_actions)
+            if not self.target_actions or not all(
+                    isinstance(a, str) and a for a in self.target_actions):
+                raise ValueError(f"RedRecConfig.target_actions: a non-empty list of action "
+                                 f"names expected, got {self.target_actions!r}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"RedRecConfig.max_steps: must be >= 1, got {self.max_steps}")
         if self.num_negatives == 0 and not self.in_batch:
@@ -415,7 +431,12 @@ def make_batch(log: EventLog, users: np.ndarray, t_now: np.ndarray, cfg: RedRecC
                neg_ids: np.ndarray) -> RedRecBatch:
     """Tower inputs ``H[:-W]``, window targets and negatives of a training batch."""
     seq = mix(log, users, t_now, cfg.mix_config())
-    inputs, targets = split_window(seq, cfg.window, min_input=cfg.min_history)
+    eligible = None
+    if cfg.target_actions is not None:
+        bits = action_bits(log.action_names, cfg.target_actions, f"{cfg.data} (target_actions)")
+        eligible = (seq.actions & bits) != 0
+    inputs, targets = split_window(seq, cfg.window, min_input=cfg.min_history,
+                                   eligible=eligible)
     valid = targets >= 0
     lengths = valid.sum(1)
     if lengths.size:
@@ -492,9 +513,11 @@ class RedRecModel(nn.Module):
             loss = single_interest_loss(interests, window, neg, tau, mask, self.single_pool,
                                         self.in_batch, batch.window_ids, neg_ids)
             user = interests.mean(1) if self.single_pool == "mean" else interests[:, 0]
-        if self.nce_weight > 0:
+        has = batch.window_ids[:, 0] >= 0  # rows with a (first) window target
+        if self.nce_weight > 0 and bool(has.any()):
             loss = loss + self.nce_weight * nce_loss(
-                user, window[:, 0], neg, tau, self.in_batch, batch.window_ids[:, 0], neg_ids)
+                user[has], window[has, 0], neg, tau, self.in_batch,
+                batch.window_ids[has, 0], neg_ids)
         return loss, interests, vals
 
 
@@ -661,15 +684,25 @@ def _faiss_scores(user_vecs: torch.Tensor, item_vecs: torch.Tensor, cases: EvalC
     return evaluate_scores(score_fn, cases, ks, progress=progress)
 
 
+def eval_target_rows(log: EventLog, data: str, split: str,
+                     target_actions: Optional[Sequence[str]] = None) -> np.ndarray:
+    """[E] bool over ``log``'s events (the whole dataset ``data``): the events that may
+    be evaluation targets — those of ``split`` (a key of :data:`EVAL_SPLITS`) with one
+    of ``target_actions`` when given."""
+    part = load_split(data).assign(log.item, log.timestamp, log.user)
+    rows = np.isin(part, np.array(EVAL_SPLITS[split], dtype=part.dtype))
+    if target_actions is not None:
+        rows &= log.action_mask(target_actions, f"{data} (target_actions)")
+    return rows
+
+
 def evaluate_redrec(model: nn.Module, cfg: RedRecConfig, ctx: DistContext,
                     log: Optional[EventLog] = None) -> Dict[str, Any]:
     """Retrieval metrics of ``model`` (collective: every rank calls it; the metrics are
     computed on every rank from the gathered vectors)."""
     if log is None:
         log = EventLog.from_dataset(cfg.data)
-    split = load_split(cfg.data)
-    part = split.assign(log.item, log.timestamp, log.user)
-    target_rows = np.isin(part, np.array(EVAL_SPLITS[cfg.eval_split], dtype=part.dtype))
+    target_rows = eval_target_rows(log, cfg.data, cfg.eval_split, cfg.target_actions)
     pcfg = cfg.protocol()
     num_items = _inner(model).tower.config.num_items
     cases = make_eval_cases(log.user_offsets, log.item, log.timestamp, num_items, pcfg,
