@@ -251,9 +251,10 @@ def _run_item_states(args: argparse.Namespace) -> int:
            "prompt_template": args.prompt}
     cfg = ContentEncoderConfig(**{k: v for k, v in enc.items() if v is not None})
     m = build_item_states(args.data, args.out, args.layers, cfg, batch_size=args.batch_size,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, use_images=not args.no_images)
     print(json.dumps({k: m[k] for k in ("num_items", "num_tokens", "layers", "total_layers",
-                                        "hidden_size", "parity_max_abs_err")}, indent=1))
+                                        "hidden_size", "use_images", "parity_max_abs_err")},
+                     indent=1))
     return 0
 
 
@@ -302,6 +303,8 @@ def register(subparsers: Any) -> None:
                    "content encoder's)")
     s.add_argument("--max-length", type=int, help="prompt tokens at most (default 256)")
     s.add_argument("--batch-size", type=int, default=64, help="items per forward")
+    s.add_argument("--no-images", action="store_true", help="ignore image_path (a "
+                   "vision-language item LM reads each item's image by default)")
     s.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     s.set_defaults(func=_run_item_states)
     i = sub.add_parser("embed-items", help="the item tower's vectors of the whole catalogue "

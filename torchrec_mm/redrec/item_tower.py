@@ -13,8 +13,10 @@ trainable layers): the bottom ``L - k`` layers stay frozen and run **once**, the
 step ``redrec_item_states``): every catalogue item's prompt (the
 :class:`~torchrec_mm.content.encoder.ContentEncoder` template with its ``[EMB]``
 token; an item without a row in ``items.parquet`` gets the prompt of an empty text)
-runs through the frozen encoder; the hidden states that enter its top ``k`` layers
-are stored, with the top ``k`` layers as a Hugging Face checkpoint::
+runs through the frozen encoder — with a vision-language encoder (LLaVA-style) and an
+``image_path``, the item's image through its vision path, so the states hold the image
+tokens — and the hidden states that enter its top ``k`` layers are stored, with the top
+``k`` layers (of the language model) as a Hugging Face checkpoint::
 
     OUT/
       lm/                    # HF checkpoint: the encoder backbone's top k layers
@@ -29,7 +31,8 @@ that the top ``k`` layers run from the stored states reproduce the full encoder'
 ``[EMB]`` state (``parity_max_abs_err``, fp16 rounding only) and refuses an
 architecture for which they do not (the states are read as ``inputs_embeds``; for
 encoder models whose embedding layer adds positions, BERT, that layer is replaced by a
-pass-through: the positions are already in the states).
+pass-through: the positions are already in the states; a model whose positions depend
+on the image layout, Qwen2-VL's M-RoPE, fails the check and is refused).
 
 **Train** (:class:`ItemTower`, ``RedRecConfig.item_states``): ``forward(ids)`` pads the
 stored states of the distinct items of a step, runs the top ``k`` layers and reads the
@@ -92,17 +95,24 @@ def read_item_states_manifest(path: str) -> Dict[str, Any]:
                          "--layers K`")
 
 
-def _items_fingerprint(ids: np.ndarray, texts: list) -> str:
+def _items_fingerprint(ids: np.ndarray, texts: list, images: Optional[list] = None) -> str:
     h = hashlib.sha256(ids.astype(np.int64).tobytes())
     h.update("\x00".join(texts).encode("utf-8", "surrogatepass"))
+    for path in images or []:  # each image file's path, size and modification time
+        if path is None:
+            h.update(b"\x00-")
+        else:
+            st = os.stat(path)
+            h.update(f"\x00{path}:{st.st_size}:{st.st_mtime_ns}".encode("utf-8",
+                                                                         "surrogatepass"))
     return h.hexdigest()
 
 
 @torch.inference_mode()
 def build_item_states(data_dir: str, out: str, layers: int = 1,
                       encoder_config: Optional[Any] = None, batch_size: int = 64,
-                      num_items: Optional[int] = None, progress: bool = True
-                      ) -> Dict[str, Any]:
+                      num_items: Optional[int] = None, progress: bool = True,
+                      use_images: bool = True) -> Dict[str, Any]:
     """Stores the item tower's frozen part for every catalogue item (module doc).
 
     Args:
@@ -112,9 +122,13 @@ def build_item_states(data_dir: str, out: str, layers: int = 1,
         layers: k, the top encoder layers that train (``1 <= k <= L``).
         encoder_config: :class:`~torchrec_mm.content.encoder.ContentEncoderConfig`
             (model, prompt with ``[EMB]``, ``max_length``); ``None`` = the defaults
-            (MiniLM). Text only: item images are not read.
+            (MiniLM).
         batch_size: items per encoder forward.
         num_items: the catalogue size; ``None`` = ``meta.num_items`` of ``data_dir``.
+        use_images: with a vision-language encoder, run each item's ``image_path``
+            image through its vision path (the stored states then hold the image
+            tokens too); text-only encoders ignore images (with a warning), as
+            ``content encode`` does.
 
     Returns:
         the manifest.
@@ -122,8 +136,11 @@ def build_item_states(data_dir: str, out: str, layers: int = 1,
     Raises:
         ValueError: ``layers`` out of range, or the model's top layers do not
             reproduce its output from stored states (architecture not supported).
+        DataError: an ``image_path`` that is not a file (naming the row).
     """
-    from torchrec_mm.content.encode_job import read_items
+    from transformers import AutoConfig
+
+    from torchrec_mm.content.encode_job import _check_image_files, read_items
     from torchrec_mm.content.encoder import ContentEncoder, ContentEncoderConfig, \
         _quiet_transformers
     from torchrec_mm.data.io import load_meta
@@ -139,11 +156,26 @@ def build_item_states(data_dir: str, out: str, layers: int = 1,
         raise ValueError(f"{items.path}: item_id {items.num_items - 1} is not below the "
                          f"catalogue size {n} (meta.num_items of {data_dir})")
     texts = [""] * n
-    for i, t in zip(items.item_ids.tolist(), items.texts):
-        texts[i] = t
+    images: list = [None] * n
+    for i, t, im in zip(items.item_ids.tolist(), items.texts, items.image_paths):
+        texts[i], images[i] = t, im
+    has_images = any(im is not None for im in images)
+    multimodal = getattr(AutoConfig.from_pretrained(cfg.resolved_model_path()),
+                         "vision_config", None) is not None
+    use_images = bool(use_images and has_images and multimodal)
+    if has_images and not use_images:
+        logger.warning("%s: image_path is ignored (%s)", items.path,
+                       "use_images=False" if multimodal else
+                       f"{cfg.resolved_model_path()} is a text-only model")
+    if use_images:
+        _check_image_files(items, np.arange(items.num_items))
+    else:
+        images = [None] * n
     settings = {"format": ITEM_STATES_FORMAT, "layers": int(layers),
                 "encoder": cfg.to_dict(), "model_path": cfg.resolved_model_path(),
-                "num_items": n, "items_fingerprint": _items_fingerprint(np.arange(n), texts)}
+                "num_items": n, "use_images": use_images,
+                "items_fingerprint": _items_fingerprint(np.arange(n), texts,
+                                                        images if use_images else None)}
     manifest_path = os.path.join(out, MANIFEST_FILE)
     if os.path.exists(manifest_path):
         old = read_item_states_manifest(out)
@@ -158,13 +190,15 @@ def build_item_states(data_dir: str, out: str, layers: int = 1,
     k = int(layers)
     lengths = np.zeros(n, np.int64)
     readout = np.zeros(n, np.int64)
-    prompts, _ = encoder.render_prompts(texts)
+    flags = [im is not None for im in images]
+    prompts, _ = encoder.render_prompts(texts, flags)
     order = np.argsort([len(p) for p in prompts], kind="stable")  # similar lengths together
     chunks: Dict[int, torch.Tensor] = {}
     for lo in tqdm(range(0, n, batch_size), desc="redrec item-states", disable=not progress,
                    leave=False):
         rows = order[lo:lo + batch_size]
-        enc = encoder._tokenize_prompts([prompts[i] for i in rows])
+        enc = encoder._tokenize_prompts([prompts[i] for i in rows],
+                                        [images[i] for i in rows] if use_images else None)
         out_hf = encoder.backbone(**enc, output_hidden_states=True, return_dict=True)
         h = out_hf.hidden_states[total - k]                                  # [b, T, H]
         mask = enc["attention_mask"].to(torch.bool)
@@ -184,7 +218,12 @@ def build_item_states(data_dir: str, out: str, layers: int = 1,
     tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        top = keep_layers(copy.deepcopy(encoder.backbone), k, "top")
+        # a vision-language model's top layers are its language model's: the image
+        # tokens are already in the stored states
+        lm_part = getattr(encoder.backbone, "language_model", None) \
+            if encoder.is_multimodal else None
+        lm_part = encoder.backbone if lm_part is None else lm_part
+        top = keep_layers(copy.deepcopy(lm_part), k, "top")
         with _quiet_transformers():
             top.save_pretrained(os.path.join(tmp, LM_DIR))
         save_tensors(os.path.join(tmp, STATES_FILE), {
@@ -195,7 +234,8 @@ def build_item_states(data_dir: str, out: str, layers: int = 1,
         tower = ItemTower(tmp, _manifest={**settings, "hidden_size": int(states.shape[1])})
         tower.eval()
         got = tower(torch.from_numpy(check))
-        enc = encoder.tokenize([texts[i] for i in check.tolist()])
+        enc = encoder.tokenize([texts[i] for i in check.tolist()],
+                               [images[i] for i in check.tolist()] if use_images else None)
         want = encoder(**enc).emb_token.float()
         err = float((got - want).abs().max())
         if not err <= PARITY_TOL:

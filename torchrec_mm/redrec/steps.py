@@ -83,19 +83,21 @@ def redrec_item_states_step(data: str, out: str, options: Dict[str, Any],
                             train_defaults: Dict[str, Any]) -> Dict[str, Any]:
     """Prepare step: :func:`~torchrec_mm.redrec.item_tower.build_item_states` into
     ``OUT/prepare/<name>`` (train option ``item_states: "{prepare}/<name>"``). Options:
-    ``layers`` (default 1), ``batch_size`` and ContentEncoderConfig fields
-    (``model_path``, ``prompt_template``, ``max_length``, ...)."""
+    ``layers`` (default 1), ``batch_size``, ``use_images`` (default true) and
+    ContentEncoderConfig fields (``model_path``, ``prompt_template``, ``max_length``,
+    ...)."""
     from torchrec_mm.content.encoder import ContentEncoderConfig
     from torchrec_mm.redrec.item_tower import build_item_states
 
     opts = dict(options)
     layers = int(opts.pop("layers", 1))
     batch_size = int(opts.pop("batch_size", 64))
+    use_images = bool(opts.pop("use_images", True))
     fields = {f.name for f in dataclasses.fields(ContentEncoderConfig)}
     bad = sorted(set(opts) - fields)
     if bad:
         raise ValueError(f"experiment step redrec_item_states: unknown option(s) {bad}; "
-                         f"options are layers, batch_size and {sorted(fields)}")
+                         f"options are layers, batch_size, use_images and {sorted(fields)}")
     build_item_states(data, out, layers, ContentEncoderConfig(**opts) if opts else None,
-                      batch_size=batch_size, progress=False)
+                      batch_size=batch_size, progress=False, use_images=use_images)
     return {"item_states": out}

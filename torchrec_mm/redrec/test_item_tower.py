@@ -174,3 +174,49 @@ def test_cli_and_experiment_step(data, llama, tmp_path, capsys):
     assert ItemTower(got["item_states"]).lm.config.num_hidden_layers == 1
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['layer'\]"):
         step(data_dir, str(tmp_path / "step2"), {"layer": 1}, {})
+
+
+def test_vision_language_item_lm_reads_images(tmp_path):
+    """A LLaVA-style item LM: the stored states hold each item's image tokens, so the
+    top layer run from them equals the full encoder's [EMB] state *with* the image
+    (parity), items with an image differ from their text alone, items without one do
+    not; changing an image file rebuilds; use_images=False stores the text only."""
+    from PIL import Image
+
+    from torchrec_mm.content.testing import build_tiny_llava
+
+    llava = build_tiny_llava(str(tmp_path / "llava"))
+    data = str(tmp_path / "data")
+    os.makedirs(os.path.join(data, "img"))
+    for i in range(2):
+        pixels = np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(os.path.join(data, "img", f"{i}.png"))
+    texts = item_texts(6, seed=2)
+    rel = ["img/0.png", None, "img/1.png", None, "img/0.png", None]
+    write_items(data, texts, image_paths=rel)
+    cfg = ContentEncoderConfig(model_path=llava, max_length=48)
+    out = str(tmp_path / "states")
+    manifest = build_item_states(data, out, layers=1, encoder_config=cfg, num_items=6,
+                                 progress=False)
+    assert manifest["use_images"] and manifest["parity_max_abs_err"] < it.PARITY_TOL
+    images = [None if p is None else os.path.join(data, p) for p in rel]
+    enc = ContentEncoder(cfg).eval()
+    with torch.no_grad():
+        got = ItemTower(out).eval()(torch.arange(6))
+        want = enc(**enc.tokenize(texts, images)).emb_token.float()
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=it.PARITY_TOL)
+
+    text_only = str(tmp_path / "text_only")
+    assert not build_item_states(data, text_only, layers=1, encoder_config=cfg, num_items=6,
+                                 progress=False, use_images=False)["use_images"]
+    with torch.no_grad():
+        plain = ItemTower(text_only).eval()(torch.arange(6))
+    diff = (got - plain).abs().amax(1)
+    has = torch.tensor([p is not None for p in rel])
+    assert bool((diff[has] > 1e-2).all()) and bool((diff[~has] < 1e-5).all()), diff
+
+    before = json.load(open(os.path.join(out, it.MANIFEST_FILE)))["items_fingerprint"]
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(os.path.join(data, "img", "1.png"))
+    after = build_item_states(data, out, layers=1, encoder_config=cfg, num_items=6,
+                              progress=False)
+    assert after["items_fingerprint"] != before
