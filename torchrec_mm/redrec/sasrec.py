@@ -352,9 +352,13 @@ def make_training_segments(log: EventLog, max_len: int) -> np.ndarray:
         [S, max_len + 1] int64 item ids, left-aligned, ``-1`` padding (every row >= 2
         events).
     """
-    rows = training_segment_events(log, max_len)
-    return np.where(rows >= 0, log.item[np.maximum(rows, 0)] if log.num_events else -1,
-                    -1).astype(np.int64)
+    return _items_at(log, training_segment_events(log, max_len))
+
+
+def _items_at(log: EventLog, events: np.ndarray) -> np.ndarray:
+    """Item ids of event indices (``-1`` stays ``-1``)."""
+    items = log.item[np.maximum(events, 0)] if log.num_events else np.full(events.shape, -1)
+    return np.where(events >= 0, items, -1).astype(np.int64)
 
 
 def training_segment_events(log: EventLog, max_len: int) -> np.ndarray:
@@ -394,8 +398,7 @@ def fit_sasrec(log: EventLog, cfg: SASRecConfig, progress: bool = True
                          f"[0, num_items={cfg.num_items})")
     t0 = time.time()
     events = training_segment_events(log, cfg.max_len)
-    segments = torch.from_numpy(np.where(
-        events >= 0, log.item[np.maximum(events, 0)] if log.num_events else -1, -1))
+    segments = torch.from_numpy(_items_at(log, events))
     # next-item targets: every event, or those with one of target_actions
     targets = segments[:, 1:].clone()
     if cfg.target_actions is not None:
