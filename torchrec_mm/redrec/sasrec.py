@@ -69,7 +69,13 @@ from torchrec_mm.redrec.protocol import (
     evaluate_multi_interest,
     make_eval_cases,
 )
-from torchrec_mm.redrec.sequences import SEQ_ITEM, EventLog, MixConfig, mix
+from torchrec_mm.redrec.sequences import (
+    SEQ_ITEM,
+    EventLog,
+    MixConfig,
+    action_names_option,
+    mix,
+)
 from torchrec_mm.utils.io import load_tensors, save_tensors, write_json
 
 __all__ = [
@@ -148,14 +154,8 @@ class SASRecConfig:
         if self.dim % self.num_heads:
             raise ValueError(f"SASRecConfig: dim={self.dim} is not divisible by "
                              f"num_heads={self.num_heads}")
-        if self.target_actions is not None:
-            if isinstance(self.target_actions, str):
-                self.target_actions = [self.target_actions]
-            self.target_actions = tuple(self.target_actions)
-            if not self.target_actions or not all(
-                    isinstance(a, str) and a for a in self.target_actions):
-                raise ValueError(f"SASRecConfig.target_actions: a non-empty list of action "
-                                 f"names expected, got {self.target_actions!r}")
+        self.target_actions = action_names_option(self.target_actions,
+                                                   "SASRecConfig.target_actions")
 
 
 # --------------------------------------------------------------------------- features

@@ -94,7 +94,7 @@ Example::
 
 import bisect
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -152,6 +152,18 @@ def action_bits(action_names: Sequence[str], names: Sequence[str],
     for n in names:
         bits |= 1 << list(action_names).index(n)
     return bits
+
+
+def action_names_option(value: Any, name: str) -> Optional[Tuple[str, ...]]:
+    """A config's action-name list (``None``, a name or a sequence of names) as a
+    tuple; raises ``ValueError`` naming the option ``name`` for an empty or non-string
+    entry."""
+    if value is None:
+        return None
+    names = (value,) if isinstance(value, str) else tuple(value)
+    if not names or not all(isinstance(a, str) and a for a in names):
+        raise ValueError(f"{name}: a non-empty list of action names expected, got {value!r}")
+    return names
 
 
 @dataclass(eq=False)

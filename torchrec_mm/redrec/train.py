@@ -51,9 +51,10 @@ log is the full dataset, every event of the user before the cutoff is history (a
 test-period events before it: they happened before the moment of the prediction), but
 only events of ``eval_split`` (``"test"`` = ``test_warm`` + ``test_cold``: events at or
 after the split's time cut, or of a cold item; ``"test_warm"``; ``"test_cold"``) with
-one of ``target_actions`` (when set) may be a cutoff/target, so the cutoff falls in the test period and every target is an event
-the training never saw. Each evaluated user gets one cutoff (seeded, ``eval_seed``);
-its targets are the next ``eval_num_targets`` eligible events. History of a case:
+one of ``target_actions`` (when set) may be a cutoff/target, so the cutoff falls in the
+test period and every target is an event the training never saw. Each evaluated user
+gets one cutoff (seeded, ``eval_seed``); its targets are the next ``eval_num_targets``
+eligible events. History of a case:
 ``mix`` of the user's events before ``cutoff_time`` with ``eval_last_n`` (default
 ``last_n - window``, the longest input the tower saw in training). Item vectors: the
 tower's item side for every catalogue item. Metrics HR/NDCG/MRR@K and MRR
@@ -118,6 +119,7 @@ from torchrec_mm.redrec.sequences import (
     EventLog,
     MixConfig,
     action_bits,
+    action_names_option,
     mix,
     split_window,
 )
@@ -283,14 +285,8 @@ class RedRecConfig:
         if self.last_n <= self.window:
             raise ValueError(f"RedRecConfig.last_n ({self.last_n}) must exceed window "
                              f"({self.window}): the input is H[:-W]")
-        if self.target_actions is not None:
-            if isinstance(self.target_actions, str):
-                self.target_actions = [self.target_actions]
-            self.target_actions = tuple(self.target_actions)
-            if not self.target_actions or not all(
-                    isinstance(a, str) and a for a in self.target_actions):
-                raise ValueError(f"RedRecConfig.target_actions: a non-empty list of action "
-                                 f"names expected, got {self.target_actions!r}")
+        self.target_actions = action_names_option(self.target_actions,
+                                                   "RedRecConfig.target_actions")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"RedRecConfig.max_steps: must be >= 1, got {self.max_steps}")
         if self.num_negatives == 0 and not self.in_batch:
