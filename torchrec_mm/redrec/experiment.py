@@ -27,6 +27,9 @@ by the experiment). A variant with ``model: sasrec`` is the ID-only SASRec basel
 (:mod:`~torchrec_mm.redrec.sasrec`, its other keys
 :class:`~torchrec_mm.redrec.sasrec.SASRecConfig` fields but ``num_items``/``seed``),
 trained on the train split and evaluated by :func:`run_sasrec` on the same protocol.
+A variant ``{model: popularity}`` (no other keys) ranks every user's candidates by the
+items' train-split counts (:mod:`~torchrec_mm.redrec.popularity`, :func:`run_popularity`):
+the non-personalised floor, the same for every seed.
 
 **One protocol.** The evaluation cases (users, random cutoffs, targets, the shared
 random pool, their seed) are defined by the protocol fields of ``train``
@@ -83,12 +86,13 @@ __all__ = [
     "retrieval_section",
     "run_redrec",
     "run_retrieval_experiment",
+    "run_popularity",
     "run_sasrec",
     "truncate_lm",
     "variant_configs",
 ]
 
-MODELS = ("redrec", "sasrec")
+MODELS = ("redrec", "sasrec", "popularity")
 #: RedRecConfig fields that define the evaluation cases: shared by every variant
 PROTOCOL_FIELDS: Tuple[str, ...] = ("eval_split", "eval_num_targets", "eval_pool_size",
                                     "eval_ks", "eval_max_users", "eval_seed", "min_history",
@@ -231,6 +235,45 @@ def run_sasrec(data: str, out: str, options: Optional[Mapping[str, Any]] = None,
     return {"config": run_cfg, "train": trained, "eval": metrics}
 
 
+def run_popularity(data: str, out: str, eval_options: Optional[Mapping[str, Any]] = None,
+                   resume: bool = True, only_finished: bool = False
+                   ) -> Optional[Dict[str, Any]]:
+    """Evaluates the most-popular baseline (:func:`~torchrec_mm.redrec.popularity.
+    evaluate_popularity`) on the protocol of ``eval_options`` (:data:`PROTOCOL_FIELDS`)
+    and writes ``out/eval_metrics.json``; a finished run of the same configuration is
+    reused, or returned alone with ``only_finished`` (None if there is none).
+
+    Returns:
+        ``{"config": {"data", "model", "protocol", "eval_split", "target_actions"},
+        "eval": the metrics}``.
+    """
+    from torchrec_mm.redrec.popularity import evaluate_popularity
+    from torchrec_mm.utils.io import write_json
+
+    ev = dict(eval_options or {})
+    bad = sorted(set(ev) - set(PROTOCOL_FIELDS))
+    if bad:
+        raise ValueError(f"popularity: unknown evaluation option(s) {bad}; known: "
+                         f"{list(PROTOCOL_FIELDS)}")
+    red = RedRecConfig(data=data, out=out, **ev)
+    pcfg = protocol_config(red)
+    run_cfg = _canonical({"data": data, "model": "popularity",
+                          "protocol": dataclasses.asdict(pcfg), "eval_split": red.eval_split,
+                          "target_actions": red.target_actions})
+    done = os.path.join(out, SASREC_EVAL_FILE)
+    if resume and os.path.exists(done):
+        with open(done) as f:
+            old = json.load(f)
+        if old.get("config") == run_cfg:
+            return {"config": run_cfg, "eval": old["metrics"]}
+    if only_finished:
+        return None
+    metrics = evaluate_popularity(data, pcfg, red.eval_split, red.target_actions)
+    os.makedirs(out, exist_ok=True)
+    write_json(done, {"config": run_cfg, "metrics": metrics})
+    return {"config": run_cfg, "eval": metrics}
+
+
 # --------------------------------------------------------------------------- LM
 
 
@@ -301,8 +344,9 @@ def redrec_lm_step(data: str, out: str, options: Dict[str, Any],
 
 @dataclasses.dataclass
 class RetrievalVariant:
-    """One variant of a retrieval spec: ``model`` (``"redrec"`` | ``"sasrec"``) and its
-    ``options`` (RedRecConfig overrides / SASRecConfig fields)."""
+    """One variant of a retrieval spec: ``model`` (``"redrec"`` | ``"sasrec"`` |
+    ``"popularity"``) and its ``options`` (RedRecConfig overrides / SASRecConfig fields /
+    none)."""
 
     name: str
     model: str
@@ -353,6 +397,10 @@ def check_spec(spec: Mapping[str, Any], spec_path: str) -> Dict[str, RetrievalVa
             if shared:
                 raise ValueError(f"{where}: {shared} define the evaluation cases, which "
                                  "every variant shares: set them under 'train'")
+        elif model == "popularity":
+            if opts:
+                raise ValueError(f"{where}: the popularity baseline takes no options, got "
+                                 f"{sorted(opts)}")
         else:
             bad = sorted(set(opts) - set(_SASREC_FIELDS))
             if bad:
@@ -393,6 +441,8 @@ def variant_configs(spec: Mapping[str, Any], spec_path: str, data: str, out: str
                 if var.model == "redrec":
                     runs.append(RedRecConfig(**{**train, **opts, "data": data,
                                                 "out": run_dir, "seed": int(seed)}))
+                elif var.model == "popularity":
+                    runs.append(({}, eval_options, run_dir))
                 else:
                     options = {**opts, "seed": int(seed)}
                     SASRecConfig(num_items=1, **options)  # validates the values
@@ -538,6 +588,13 @@ def run_retrieval_experiment(spec: Dict[str, Any], spec_path: str, data: str, ou
                 if not per_seed:
                     curves[name] = [{"step": c["step"], "loss": c["loss"]}
                                     for c in r["curve"]]
+            elif var.model == "popularity":
+                _, eval_options, run_dir = run
+                r = run_popularity(data, run_dir, eval_options, only_finished=not run_it)
+                if r is None:
+                    break
+                ev = r["eval"]
+                info.append({"train_seconds": ev["seconds"], "last_loss": None})
             else:
                 options, eval_options, run_dir = run
                 r = run_sasrec(data, run_dir, options, eval_options,
