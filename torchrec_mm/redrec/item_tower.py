@@ -168,7 +168,7 @@ def build_item_states(data_dir: str, out: str, layers: int = 1,
                        "use_images=False" if multimodal else
                        f"{cfg.resolved_model_path()} is a text-only model")
     if use_images:
-        _check_image_files(items, np.arange(items.num_items))
+        _check_image_files(items, np.arange(len(items.item_ids)))
     else:
         images = [None] * n
     settings = {"format": ITEM_STATES_FORMAT, "layers": int(layers),

@@ -180,7 +180,8 @@ def test_vision_language_item_lm_reads_images(tmp_path):
     """A LLaVA-style item LM: the stored states hold each item's image tokens, so the
     top layer run from them equals the full encoder's [EMB] state *with* the image
     (parity), items with an image differ from their text alone, items without one do
-    not; changing an image file rebuilds; use_images=False stores the text only."""
+    not (item 3 has no row: the empty text); changing an image file rebuilds;
+    use_images=False stores the text only."""
     from PIL import Image
 
     from torchrec_mm.content.testing import build_tiny_llava
@@ -191,32 +192,43 @@ def test_vision_language_item_lm_reads_images(tmp_path):
     for i in range(2):
         pixels = np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(os.path.join(data, "img", f"{i}.png"))
-    texts = item_texts(6, seed=2)
-    rel = ["img/0.png", None, "img/1.png", None, "img/0.png", None]
-    write_items(data, texts, image_paths=rel)
+    n = 7
+    texts = item_texts(n, seed=2)
+    texts[3] = ""
+    rel = ["img/0.png", None, "img/1.png", None, None, "img/0.png", None]
+    ids = [i for i in range(n) if i != 3]
+    write_items(data, [texts[i] for i in ids], item_ids=ids, image_paths=[rel[i] for i in ids])
     cfg = ContentEncoderConfig(model_path=llava, max_length=48)
     out = str(tmp_path / "states")
-    manifest = build_item_states(data, out, layers=1, encoder_config=cfg, num_items=6,
+    manifest = build_item_states(data, out, layers=1, encoder_config=cfg, num_items=n,
                                  progress=False)
     assert manifest["use_images"] and manifest["parity_max_abs_err"] < it.PARITY_TOL
     images = [None if p is None else os.path.join(data, p) for p in rel]
     enc = ContentEncoder(cfg).eval()
     with torch.no_grad():
-        got = ItemTower(out).eval()(torch.arange(6))
+        got = ItemTower(out).eval()(torch.arange(n))
         want = enc(**enc.tokenize(texts, images)).emb_token.float()
     np.testing.assert_allclose(got.numpy(), want.numpy(), atol=it.PARITY_TOL)
 
     text_only = str(tmp_path / "text_only")
-    assert not build_item_states(data, text_only, layers=1, encoder_config=cfg, num_items=6,
+    assert not build_item_states(data, text_only, layers=1, encoder_config=cfg, num_items=n,
                                  progress=False, use_images=False)["use_images"]
     with torch.no_grad():
-        plain = ItemTower(text_only).eval()(torch.arange(6))
+        plain = ItemTower(text_only).eval()(torch.arange(n))
     diff = (got - plain).abs().amax(1)
     has = torch.tensor([p is not None for p in rel])
     assert bool((diff[has] > 1e-2).all()) and bool((diff[~has] < 1e-5).all()), diff
 
     before = json.load(open(os.path.join(out, it.MANIFEST_FILE)))["items_fingerprint"]
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(os.path.join(data, "img", "1.png"))
-    after = build_item_states(data, out, layers=1, encoder_config=cfg, num_items=6,
+    after = build_item_states(data, out, layers=1, encoder_config=cfg, num_items=n,
                               progress=False)
     assert after["items_fingerprint"] != before
+    from torchrec_mm.data.schema import DataError
+
+    write_items(data, [texts[i] for i in ids], item_ids=ids,
+                image_paths=[("img/missing.png" if i == 5 else rel[i]) for i in ids])
+    with pytest.raises(DataError, match="image_path.*missing.png"):
+        build_item_states(data, str(tmp_path / "bad"), layers=1, encoder_config=cfg,
+                          num_items=n, progress=False)
+    assert not os.path.exists(str(tmp_path / "bad"))
