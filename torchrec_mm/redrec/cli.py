@@ -97,6 +97,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    "tower trained jointly (item_embedding=content)")
     p.add_argument("--item-lr", type=float, help="learning rate of the item tower's "
                    "layers (default: --dense-lr)")
+    p.add_argument("--item-dropout", type=float, help="dropout of the item tower's layers "
+                   "(default 0.0)")
     p.add_argument("--content-field", choices=["emb_token", "pooled"])
     p.add_argument("--embedding-dim", type=int)
     p.add_argument("--interests-per-scenario", type=int)

@@ -328,6 +328,16 @@ def test_joint_item_tower_trains_and_resumes(env, item_states):
         torch.testing.assert_close(c["/model/" + k], v, rtol=0, atol=1e-6, msg=k)
     assert any(not torch.allclose(c["/model/" + k], v) for k, v in init.items()
                if k.startswith("tower.encoder.") and k not in item and "/model/" + k in c)
+    # item_dropout: the item tower's own dropout (default 0: train-mode passes agree)
+    ids = torch.arange(12)
+    with torch.no_grad():
+        plain = build_model(_cfg(env, "x", **kw)).tower.encoder.item_tower.train()
+        torch.testing.assert_close(plain(ids), plain(ids))
+        noisy = build_model(_cfg(env, "x", **kw, item_dropout=0.3)).tower.encoder.item_tower
+        assert not torch.allclose(noisy.train()(ids), noisy(ids))
+        torch.testing.assert_close(noisy.eval()(ids), plain.eval()(ids))
+    with pytest.raises(ValueError, match="item_dropout"):
+        _cfg(env, "x", **kw, item_dropout=1.0)
     with pytest.raises(ValueError, match="only with item_states"):
         _cfg(env, "x", item_lr=1e-4)
     with pytest.raises(ValueError, match="not both"):

@@ -172,6 +172,11 @@ class UserTowerConfig:
         embedding_dim: d, the table width and the output width; 0 = the LM hidden size.
         dropout: overrides every dropout probability of the LM config (``0.0`` for
             deterministic training); ``None`` keeps the checkpoint's values.
+        item_dropout: the same for the item tower's layers (``item_states``); default
+            ``0.0``: the ``[EMB]`` states of different items are close (MiniLM: mean
+            cosine ~0.8 between random items), and the checkpoint's dropout (0.1) moves
+            one item's state by about as much (cosine 0.95 between two passes), so the
+            retrieval loss would train on noise that evaluation does not have.
         table_prefix: prefix of the table names (unique within a model).
         trust_remote_code: passed to transformers.
     """
@@ -188,6 +193,7 @@ class UserTowerConfig:
     item_states: Optional[str] = None
     embedding_dim: int = 0
     dropout: Optional[float] = None
+    item_dropout: Optional[float] = 0.0
     table_prefix: str = "t_redrec"
     trust_remote_code: bool = False
 
@@ -205,8 +211,10 @@ class UserTowerConfig:
             raise ValueError(f"num_actions must be in [0, 63], got {self.num_actions}")
         if self.embedding_dim < 0:
             raise ValueError(f"embedding_dim must be >= 0, got {self.embedding_dim}")
-        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("dropout", "item_dropout"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value}")
         if self.item_states and self.item_embedding != "content":
             raise ValueError("item_states is the item side of item_embedding='content'")
 
@@ -571,7 +579,7 @@ class UserTower(nn.Module):
         if self.config.item_states:
             from torchrec_mm.redrec.item_tower import ItemTower
 
-            item_tower = ItemTower(self.config.item_states, dropout=self.config.dropout)
+            item_tower = ItemTower(self.config.item_states, dropout=self.config.item_dropout)
         self.encoder = UserTowerEncoder(self.config, lm, item_vectors, item_tower)
         self.embeddings = EmbeddingCollection(
             tables=table_configs(self.config, self.encoder.dim), device=device)

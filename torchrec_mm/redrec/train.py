@@ -177,7 +177,8 @@ class RedRecConfig:
         content_store / content_field: the frozen item vectors of
             ``item_embedding="content"`` (module doc).
         item_states: instead, the item tower trained jointly (module doc); item_lr:
-            its learning rate (``None``: ``dense_lr``).
+            its learning rate (``None``: ``dense_lr``); item_dropout: its dropout
+            (default 0.0, ``None``: the LM config's; ``UserTowerConfig.item_dropout``).
         policy / last_n / quotas: :class:`~torchrec_mm.redrec.sequences.MixConfig`.
         window: W, the look-ahead window (paper 10); min_history: events kept as input.
         target_actions: the actions that make an event a positive (e.g. ``["is_click"]``
@@ -208,6 +209,7 @@ class RedRecConfig:
     content_field: str = "emb_token"
     item_states: Optional[str] = None
     item_lr: Optional[float] = None
+    item_dropout: Optional[float] = 0.0
     embedding_dim: int = 0
     interests_per_scenario: int = 3
     dropout: Optional[float] = None
@@ -308,6 +310,10 @@ class RedRecConfig:
                              "item_embedding='id'")
         if self.item_lr is not None and not (self.item_lr > 0 and math.isfinite(self.item_lr)):
             raise ValueError(f"RedRecConfig.item_lr: must be finite and > 0, got {self.item_lr}")
+        for name in ("dropout", "item_dropout"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise ValueError(f"RedRecConfig.{name}: must be in [0, 1), got {value}")
         if self.item_lr is not None and not self.item_states:
             raise ValueError("RedRecConfig.item_lr: only with item_states (the trained item "
                              "tower)")
@@ -545,7 +551,7 @@ def build_model(cfg: RedRecConfig) -> RedRecModel:
         last_n=cfg.last_n, num_gap_buckets=mix_cfg.num_gap_buckets,
         interests_per_scenario=cfg.interests_per_scenario,
         item_embedding=cfg.item_embedding, item_states=cfg.item_states,
-        embedding_dim=cfg.embedding_dim, dropout=cfg.dropout)
+        embedding_dim=cfg.embedding_dim, dropout=cfg.dropout, item_dropout=cfg.item_dropout)
     return RedRecModel(UserTower(tower_cfg, item_vectors=vecs), cfg)
 
 
