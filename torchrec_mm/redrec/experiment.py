@@ -167,6 +167,18 @@ def run_redrec(cfg: RedRecConfig, only_finished: bool = False) -> Optional[Dict[
     return None if only_finished else train_redrec(cfg)
 
 
+def _protocol_of(data: str, out: str, eval_options: Optional[Mapping[str, Any]],
+                 who: str) -> "RedRecConfig":
+    """The RedRecConfig whose protocol a baseline with ``eval_options``
+    (:data:`PROTOCOL_FIELDS`, RedRecConfig names and defaults) evaluates on."""
+    ev = dict(eval_options or {})
+    bad = sorted(set(ev) - set(PROTOCOL_FIELDS))
+    if bad:
+        raise ValueError(f"{who}: unknown evaluation option(s) {bad}; known: "
+                         f"{list(PROTOCOL_FIELDS)}")
+    return RedRecConfig(data=data, out=out, **ev)
+
+
 def _sasrec_setup(data: str, out: str, options: Optional[Mapping[str, Any]],
                   eval_options: Optional[Mapping[str, Any]]
                   ) -> Tuple[SASRecConfig, ProtocolConfig, str]:
@@ -176,13 +188,8 @@ def _sasrec_setup(data: str, out: str, options: Optional[Mapping[str, Any]],
     bad = sorted(set(opts) - set(_SASREC_FIELDS) - {"seed"})
     if bad:
         raise ValueError(f"SASRec: unknown option(s) {bad}; known: {sorted(_SASREC_FIELDS)}")
-    ev = dict(eval_options or {})
-    bad = sorted(set(ev) - set(PROTOCOL_FIELDS))
-    if bad:
-        raise ValueError(f"SASRec: unknown evaluation option(s) {bad}; known: "
-                         f"{list(PROTOCOL_FIELDS)}")
     # the protocol a RED-Rec run with these settings evaluates on (same defaults)
-    red = RedRecConfig(data=data, out=out, **ev)
+    red = _protocol_of(data, out, eval_options, "SASRec")
     # the positives RED-Rec trains and is evaluated on are SASRec's next-item targets
     opts.setdefault("target_actions", red.target_actions)
     model = SASRecConfig(num_items=load_meta(data).num_items, **opts)
@@ -250,12 +257,7 @@ def run_popularity(data: str, out: str, eval_options: Optional[Mapping[str, Any]
     from torchrec_mm.redrec.popularity import evaluate_popularity
     from torchrec_mm.utils.io import write_json
 
-    ev = dict(eval_options or {})
-    bad = sorted(set(ev) - set(PROTOCOL_FIELDS))
-    if bad:
-        raise ValueError(f"popularity: unknown evaluation option(s) {bad}; known: "
-                         f"{list(PROTOCOL_FIELDS)}")
-    red = RedRecConfig(data=data, out=out, **ev)
+    red = _protocol_of(data, out, eval_options, "popularity")
     pcfg = protocol_config(red)
     run_cfg = _canonical({"data": data, "model": "popularity",
                           "protocol": dataclasses.asdict(pcfg), "eval_split": red.eval_split,
