@@ -103,7 +103,8 @@ _REDREC_FIELDS = tuple(f.name for f in dataclasses.fields(RedRecConfig)
 _SASREC_FIELDS = tuple(f.name for f in dataclasses.fields(SASRecConfig)
                        if f.name not in ("num_items", "seed"))
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
-SASREC_EVAL_FILE = "eval_metrics.json"
+#: a baseline run's evaluation (SASRec, popularity): ``{"config", "metrics"}``
+BASELINE_EVAL_FILE = "eval_metrics.json"
 LM_MARKER = "truncation.json"
 
 
@@ -181,7 +182,7 @@ def _protocol_of(data: str, out: str, eval_options: Optional[Mapping[str, Any]],
 
 def _sasrec_setup(data: str, out: str, options: Optional[Mapping[str, Any]],
                   eval_options: Optional[Mapping[str, Any]]
-                  ) -> Tuple[SASRecConfig, ProtocolConfig, str]:
+                  ) -> Tuple[SASRecConfig, RedRecConfig]:
     from torchrec_mm.data.io import load_meta
 
     opts = dict(options or {})
@@ -193,7 +194,7 @@ def _sasrec_setup(data: str, out: str, options: Optional[Mapping[str, Any]],
     # the positives RED-Rec trains and is evaluated on are SASRec's next-item targets
     opts.setdefault("target_actions", red.target_actions)
     model = SASRecConfig(num_items=load_meta(data).num_items, **opts)
-    return model, protocol_config(red), red.eval_split
+    return model, red
 
 
 def run_sasrec(data: str, out: str, options: Optional[Mapping[str, Any]] = None,
@@ -219,10 +220,11 @@ def run_sasrec(data: str, out: str, options: Optional[Mapping[str, Any]] = None,
     """
     from torchrec_mm.redrec.sasrec import METRICS_FILE, evaluate_sasrec
 
-    model_cfg, pcfg, split = _sasrec_setup(data, out, options, eval_options)
+    model_cfg, red = _sasrec_setup(data, out, options, eval_options)
+    pcfg, split = protocol_config(red), red.eval_split
     run_cfg = _canonical({"data": data, "model": dataclasses.asdict(model_cfg),
                           "protocol": dataclasses.asdict(pcfg), "eval_split": split})
-    done = os.path.join(out, SASREC_EVAL_FILE)
+    done = os.path.join(out, BASELINE_EVAL_FILE)
     if resume and os.path.exists(done) and os.path.exists(os.path.join(out, METRICS_FILE)):
         with open(done) as f:
             old = json.load(f)
@@ -237,7 +239,7 @@ def run_sasrec(data: str, out: str, options: Optional[Mapping[str, Any]] = None,
     trained = train_sasrec(data, model_cfg, out_dir=out, progress=progress)
     model = trained.pop("model")
     metrics = evaluate_sasrec(model, data, pcfg, target_split=split, progress=progress,
-                              target_actions=(eval_options or {}).get("target_actions"))
+                              target_actions=red.target_actions)
     write_json(done, {"config": run_cfg, "metrics": metrics})
     return {"config": run_cfg, "train": trained, "eval": metrics}
 
@@ -262,7 +264,7 @@ def run_popularity(data: str, out: str, eval_options: Optional[Mapping[str, Any]
     run_cfg = _canonical({"data": data, "model": "popularity",
                           "protocol": dataclasses.asdict(pcfg), "eval_split": red.eval_split,
                           "target_actions": red.target_actions})
-    done = os.path.join(out, SASREC_EVAL_FILE)
+    done = os.path.join(out, BASELINE_EVAL_FILE)
     if resume and os.path.exists(done):
         with open(done) as f:
             old = json.load(f)

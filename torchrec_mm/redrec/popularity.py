@@ -27,12 +27,15 @@ __all__ = ["evaluate_popularity", "popularity_counts"]
 
 
 def popularity_counts(log: EventLog, num_items: int,
-                      target_actions: Optional[Sequence[str]] = None) -> np.ndarray:
+                      target_actions: Optional[Sequence[str]] = None,
+                      events: Optional[np.ndarray] = None) -> np.ndarray:
     """[num_items] float64 event count of every item in ``log`` (only the events with
-    one of ``target_actions`` when given)."""
-    items = log.item
+    one of ``target_actions`` when given; only those of the [E] bool mask ``events``
+    when given, e.g. the train split's)."""
+    keep = np.ones(log.num_events, bool) if events is None else np.asarray(events, bool)
     if target_actions is not None:
-        items = items[log.action_mask(target_actions, "popularity (target_actions)")]
+        keep = keep & log.action_mask(target_actions, "popularity (target_actions)")
+    items = log.item[keep]
     if items.size and int(items.max()) >= num_items:
         raise ValueError(f"popularity: item_id {int(items.max())} outside "
                          f"[0, num_items={num_items})")
@@ -59,15 +62,17 @@ def evaluate_popularity(data: str, protocol_cfg: Optional[ProtocolConfig] = None
         "pool_size", "num_train_events", "seconds"}``.
     """
     from torchrec_mm.data.io import load_meta
+    from torchrec_mm.data.split import TRAIN, load_split
     from torchrec_mm.redrec.train import eval_target_rows
 
     t0 = time.time()
     cfg = protocol_cfg or ProtocolConfig()
     num_items = load_meta(data).num_items
-    train = EventLog.from_dataset(data, split_filter="train")
-    counts = torch.from_numpy(popularity_counts(train, num_items, target_actions))
-    log = EventLog.from_dataset(data)
-    rows = eval_target_rows(log, data, split, target_actions)
+    log = EventLog.from_dataset(data)  # read once: train counts and evaluation cases
+    part = load_split(data).assign(log.item, log.timestamp, log.user)
+    train = part == TRAIN
+    counts = torch.from_numpy(popularity_counts(log, num_items, target_actions, train))
+    rows = eval_target_rows(log, data, split, target_actions, part)
     cases = make_eval_cases(log.user_offsets, log.item, log.timestamp, num_items, cfg,
                             target_rows=rows)
     if len(cases) == 0:
@@ -77,6 +82,6 @@ def evaluate_popularity(data: str, protocol_cfg: Optional[ProtocolConfig] = None
         return counts[cand.clamp(min=0)]
 
     out = evaluate_scores(score_fn, cases, progress=progress)
-    out["num_train_events"] = int(train.num_events)
+    out["num_train_events"] = int(train.sum())
     out["seconds"] = time.time() - t0
     return out

@@ -650,8 +650,8 @@ def _empty_output(B: int, N: int, users: np.ndarray, t_now: np.ndarray, cfg: Mix
                   ) -> MixedSequences:
     # The padded fields are views of one buffer (8-byte fields first, so every view is
     # aligned): one allocation instead of eight. Separate multi-MB arrays made glibc
-    # return the memory to the OS after every batch and fault it in again, which cost
-    # as much as the mixing itself at B = 4096, N = 128.
+    # return the memory to the OS after every batch and fault it in again
+    # (benchmarks/bench_redrec_mixing.py measures mix with both changes here).
     fields = [("item", np.int64, PAD), ("actions", np.int64, 0),
               ("timestamp", np.int64, PAD), ("scenario", SMALL_INDEX, PAD),
               ("hour", SMALL_INDEX, PAD), ("seq_pos", SMALL_INDEX, PAD),
@@ -715,7 +715,7 @@ def mix(log: EventLog, users: np.ndarray, t_now: np.ndarray, cfg: MixConfig) -> 
             boff = np.repeat(np.arange(B, dtype=np.int64) * max(E, 1), length)
             gidx += boff
             # each (b, s) block is already sorted: the stable sort (timsort) merges the
-            # runs, ~5x faster here than the default quicksort on B * N keys
+            # runs instead of sorting B * N keys from scratch
             gidx.sort(kind="stable")
             gidx -= boff
     # left-aligned rows: the boolean mask visits (b, col) in the order of gidx

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
-from torchrec_mm.data.split import make_split
+from torchrec_mm.data.split import TRAIN, load_split, make_split
 from torchrec_mm.data.synth import SynthConfig, generate
 from torchrec_mm.experiment import run_experiment
 from torchrec_mm.redrec.popularity import evaluate_popularity, popularity_counts
@@ -69,6 +69,12 @@ def test_counts_by_action(data):
                                   np.bincount(clicked, minlength=NUM_ITEMS))
     np.testing.assert_array_equal(popularity_counts(train, NUM_ITEMS),
                                   np.bincount(train.item, minlength=NUM_ITEMS))
+    # the full log restricted to the train split's events counts the same
+    full = EventLog.from_dataset(data)
+    is_train = load_split(data).assign(full.item, full.timestamp, full.user) == TRAIN
+    np.testing.assert_array_equal(
+        popularity_counts(full, NUM_ITEMS, ["is_click"], events=is_train),
+        popularity_counts(train, NUM_ITEMS, ["is_click"]))
     with pytest.raises(ValueError, match="unknown action"):
         popularity_counts(train, NUM_ITEMS, ["click"])
     with pytest.raises(ValueError, match="outside"):

@@ -515,11 +515,12 @@ class RedRecModel(nn.Module):
             loss = single_interest_loss(interests, window, neg, tau, mask, self.single_pool,
                                         self.in_batch, batch.window_ids, neg_ids)
             user = interests.mean(1) if self.single_pool == "mean" else interests[:, 0]
-        has = batch.window_ids[:, 0] >= 0  # rows with a (first) window target
-        if self.nce_weight > 0 and bool(has.any()):
-            loss = loss + self.nce_weight * nce_loss(
-                user[has], window[has, 0], neg, tau, self.in_batch,
-                batch.window_ids[has, 0], neg_ids)
+        if self.nce_weight > 0:
+            has = batch.window_ids[:, 0] >= 0  # rows with a (first) window target
+            if bool(has.any()):
+                loss = loss + self.nce_weight * nce_loss(
+                    user[has], window[has, 0], neg, tau, self.in_batch,
+                    batch.window_ids[has, 0], neg_ids)
         return loss, interests, vals
 
 
@@ -687,11 +688,14 @@ def _faiss_scores(user_vecs: torch.Tensor, item_vecs: torch.Tensor, cases: EvalC
 
 
 def eval_target_rows(log: EventLog, data: str, split: str,
-                     target_actions: Optional[Sequence[str]] = None) -> np.ndarray:
+                     target_actions: Optional[Sequence[str]] = None,
+                     part: Optional[np.ndarray] = None) -> np.ndarray:
     """[E] bool over ``log``'s events (the whole dataset ``data``): the events that may
     be evaluation targets — those of ``split`` (a key of :data:`EVAL_SPLITS`) with one
-    of ``target_actions`` when given."""
-    part = load_split(data).assign(log.item, log.timestamp, log.user)
+    of ``target_actions`` when given. ``part``: the events' split codes
+    (``load_split(data).assign(...)``) when the caller has them already."""
+    if part is None:
+        part = load_split(data).assign(log.item, log.timestamp, log.user)
     rows = np.isin(part, np.array(EVAL_SPLITS[split], dtype=part.dtype))
     if target_actions is not None:
         rows &= log.action_mask(target_actions, f"{data} (target_actions)")
