@@ -34,6 +34,7 @@ import json
 from typing import Any, Dict
 
 from torchrec_mm.redrec.sequences import POLICIES
+from torchrec_mm.redrec.item_tower import ITEM_INITS
 from torchrec_mm.redrec.tower import INITS, ITEM_EMBEDDINGS
 from torchrec_mm.training.sharding import SHARDING_TYPES
 
@@ -99,6 +100,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    "layers (default: --dense-lr)")
     p.add_argument("--item-dropout", type=float, help="dropout of the item tower's layers "
                    "(default 0.0)")
+    p.add_argument("--item-init", choices=ITEM_INITS, help="how the item tower's trained "
+                   "layers start (scratch: random init)")
     p.add_argument("--content-field", choices=["emb_token", "pooled"])
     p.add_argument("--embedding-dim", type=int)
     p.add_argument("--interests-per-scenario", type=int)

@@ -67,9 +67,12 @@ from torchrec_mm.utils.io import read_manifest, save_tensors, write_json
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ITEM_STATES_FORMAT", "ItemTower", "build_item_states", "read_item_states_manifest"]
+__all__ = ["ITEM_INITS", "ITEM_STATES_FORMAT", "ItemTower", "build_item_states",
+           "read_item_states_manifest"]
 
 ITEM_STATES_FORMAT = "torchrec-mm/redrec-item-states/v1"
+#: how the trained item layers start (``RedRecConfig.item_init``)
+ITEM_INITS = ("pretrained", "scratch")
 MANIFEST_FILE = "item_states.json"
 STATES_FILE = "states.safetensors"
 LM_DIR = "lm"
@@ -265,8 +268,11 @@ class ItemTower(nn.Module):
 
     Args:
         path: an item-states directory (:func:`build_item_states`).
-        init: ``"pretrained"`` (the encoder's top layers) or ``"frozen"`` (the same,
-            not trained: the same vectors as a frozen content store's ``emb_token``).
+        init: ``"pretrained"`` (the encoder's top layers), ``"scratch"`` (the same
+            architecture, randomly initialised: Table A3's "Item LLM from scratch" for
+            the layers that train; the frozen bottom layers whose outputs are stored
+            stay pretrained) or ``"frozen"`` (pretrained, not trained: the same vectors
+            as a frozen content store's ``emb_token``).
         dropout: overrides the LM's dropout probabilities (``None``: keep).
 
     ``forward(ids [n] int64) -> [n, H]`` float32, the ``[EMB]`` hidden state of each
@@ -281,14 +287,14 @@ class ItemTower(nn.Module):
         from torchrec_mm.content.store import mmap_safetensors
         from torchrec_mm.redrec.tower import load_lm
 
-        if init not in ("pretrained", "frozen"):
-            raise ValueError(f"ItemTower: init must be 'pretrained' or 'frozen', got {init!r}")
+        if init not in ITEM_INITS + ("frozen",):
+            raise ValueError(f"ItemTower: init must be one of {ITEM_INITS + ('frozen',)}, "
+                             f"got {init!r}")
         manifest = _manifest if _manifest is not None else read_item_states_manifest(path)
         self.path = path
         self.num_items = int(manifest["num_items"])
         self.hidden_size = int(manifest["hidden_size"])
-        self.lm = load_lm(os.path.join(path, LM_DIR), "frozen" if init == "frozen"
-                          else "pretrained", dropout)
+        self.lm = load_lm(os.path.join(path, LM_DIR), init, dropout)
         if isinstance(getattr(self.lm, "embeddings", None), nn.Module):
             self.lm.embeddings = _PassThroughEmbeddings()
         arrays = mmap_safetensors(os.path.join(path, STATES_FILE))

@@ -338,6 +338,24 @@ def test_joint_item_tower_trains_and_resumes(env, item_states):
         torch.testing.assert_close(noisy.eval()(ids), plain.eval()(ids))
     with pytest.raises(ValueError, match="item_dropout"):
         _cfg(env, "x", **kw, item_dropout=1.0)
+    # item_init scratch: the trained item layers start random (seeded), the stored
+    # states below them are the same
+    scratch = build_model(_cfg(env, "x", **kw, item_init="scratch")).state_dict()
+    again = build_model(_cfg(env, "x", **kw, item_init="scratch")).state_dict()
+    weights = [k for k in item if k.endswith(".weight") and init[k].dim() == 2
+               and "layer" in k]
+    assert weights, sorted(item)
+    for k in weights:
+        assert not torch.allclose(scratch[k], init[k]), k
+        torch.testing.assert_close(scratch[k], again[k], rtol=0, atol=0, msg=k)
+    with torch.no_grad():
+        fresh = build_model(_cfg(env, "x", **kw, item_init="scratch")).tower.encoder.item_tower
+        torch.testing.assert_close(fresh.inputs(ids)[0], plain.inputs(ids)[0])
+        assert not torch.allclose(fresh.eval()(ids), plain.eval()(ids))
+    with pytest.raises(ValueError, match="item_init"):
+        _cfg(env, "x", **kw, item_init="random")
+    with pytest.raises(ValueError, match="only with item_states"):
+        _cfg(env, "x", item_init="scratch")
     with pytest.raises(ValueError, match="only with item_states"):
         _cfg(env, "x", item_lr=1e-4)
     with pytest.raises(ValueError, match="not both"):

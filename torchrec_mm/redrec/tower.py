@@ -113,6 +113,7 @@ from torchrec.optim.fused import FusedOptimizerModule
 from torchrec.optim.keyed import KeyedOptimizer
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
+from torchrec_mm.redrec.item_tower import ITEM_INITS
 from torchrec_mm.redrec.readout import forward_at, named_layer_stack
 from torchrec_mm.redrec.sequences import (
     SEQ_ACTIONS,
@@ -172,6 +173,8 @@ class UserTowerConfig:
         embedding_dim: d, the table width and the output width; 0 = the LM hidden size.
         dropout: overrides every dropout probability of the LM config (``0.0`` for
             deterministic training); ``None`` keeps the checkpoint's values.
+        item_init: how the item tower's trained layers start (``item_states``):
+            ``"pretrained"`` or ``"scratch"`` (same architecture, random init).
         item_dropout: the same for the item tower's layers (``item_states``); default
             ``0.0``: the ``[EMB]`` states of different items are close (MiniLM: mean
             cosine ~0.8 between random items), and the checkpoint's dropout (0.1) moves
@@ -194,6 +197,7 @@ class UserTowerConfig:
     embedding_dim: int = 0
     dropout: Optional[float] = None
     item_dropout: Optional[float] = 0.0
+    item_init: str = "pretrained"
     table_prefix: str = "t_redrec"
     trust_remote_code: bool = False
 
@@ -217,6 +221,11 @@ class UserTowerConfig:
                 raise ValueError(f"{name} must be in [0, 1), got {value}")
         if self.item_states and self.item_embedding != "content":
             raise ValueError("item_states is the item side of item_embedding='content'")
+        if self.item_init not in ITEM_INITS:
+            raise ValueError(f"item_init must be one of {ITEM_INITS}, got {self.item_init!r}")
+        if self.item_init != "pretrained" and not self.item_states:
+            raise ValueError(f"item_init={self.item_init!r} needs item_states (the trained "
+                             "item tower)")
 
     @property
     def num_interests(self) -> int:
@@ -579,7 +588,8 @@ class UserTower(nn.Module):
         if self.config.item_states:
             from torchrec_mm.redrec.item_tower import ItemTower
 
-            item_tower = ItemTower(self.config.item_states, dropout=self.config.item_dropout)
+            item_tower = ItemTower(self.config.item_states, init=self.config.item_init,
+                                   dropout=self.config.item_dropout)
         self.encoder = UserTowerEncoder(self.config, lm, item_vectors, item_tower)
         self.embeddings = EmbeddingCollection(
             tables=table_configs(self.config, self.encoder.dim), device=device)

@@ -123,6 +123,7 @@ from torchrec_mm.redrec.sequences import (
     mix,
     split_window,
 )
+from torchrec_mm.redrec.item_tower import ITEM_INITS
 from torchrec_mm.redrec.tower import (
     CAND_ITEM,
     INITS,
@@ -178,7 +179,9 @@ class RedRecConfig:
             ``item_embedding="content"`` (module doc).
         item_states: instead, the item tower trained jointly (module doc); item_lr:
             its learning rate (``None``: ``dense_lr``); item_dropout: its dropout
-            (default 0.0, ``None``: the LM config's; ``UserTowerConfig.item_dropout``).
+            (default 0.0, ``None``: the LM config's; ``UserTowerConfig.item_dropout``);
+            item_init: ``"pretrained"`` or ``"scratch"`` (its trained layers randomly
+            initialised: Table A3's "Item LLM from scratch").
         policy / last_n / quotas: :class:`~torchrec_mm.redrec.sequences.MixConfig`.
         window: W, the look-ahead window (paper 10); min_history: events kept as input.
         target_actions: the actions that make an event a positive (e.g. ``["is_click"]``
@@ -210,6 +213,7 @@ class RedRecConfig:
     item_states: Optional[str] = None
     item_lr: Optional[float] = None
     item_dropout: Optional[float] = 0.0
+    item_init: str = "pretrained"
     embedding_dim: int = 0
     interests_per_scenario: int = 3
     dropout: Optional[float] = None
@@ -260,7 +264,8 @@ class RedRecConfig:
         from torchrec_mm.training.trainer import EMBEDDING_OPTIMIZERS
 
         self.eval_ks = tuple(int(k) for k in self.eval_ks)
-        choices = {"init": INITS, "item_embedding": ITEM_EMBEDDINGS, "policy": POLICIES,
+        choices = {"init": INITS, "item_init": ITEM_INITS, "item_embedding": ITEM_EMBEDDINGS,
+                   "policy": POLICIES,
                    "loss": LOSSES, "negatives": NEGATIVES, "single_pool": ("mean", "first"),
                    "dense_optimizer": ("adam", "sgd"),
                    "embedding_optimizer": tuple(sorted(EMBEDDING_OPTIMIZERS)),
@@ -314,6 +319,9 @@ class RedRecConfig:
             value = getattr(self, name)
             if value is not None and not 0.0 <= value < 1.0:
                 raise ValueError(f"RedRecConfig.{name}: must be in [0, 1), got {value}")
+        if self.item_init != "pretrained" and not self.item_states:
+            raise ValueError(f"RedRecConfig.item_init={self.item_init!r}: only with "
+                             "item_states (the trained item tower)")
         if self.item_lr is not None and not self.item_states:
             raise ValueError("RedRecConfig.item_lr: only with item_states (the trained item "
                              "tower)")
@@ -552,7 +560,8 @@ def build_model(cfg: RedRecConfig) -> RedRecModel:
         last_n=cfg.last_n, num_gap_buckets=mix_cfg.num_gap_buckets,
         interests_per_scenario=cfg.interests_per_scenario,
         item_embedding=cfg.item_embedding, item_states=cfg.item_states,
-        embedding_dim=cfg.embedding_dim, dropout=cfg.dropout, item_dropout=cfg.item_dropout)
+        embedding_dim=cfg.embedding_dim, dropout=cfg.dropout, item_dropout=cfg.item_dropout,
+        item_init=cfg.item_init)
     return RedRecModel(UserTower(tower_cfg, item_vectors=vecs), cfg)
 
 
