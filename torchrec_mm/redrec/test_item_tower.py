@@ -133,7 +133,7 @@ def test_bad_input(data, llama, tmp_path):
     with pytest.raises(ValueError, match=r"item id 24 is not in \[0, 24\)"):
         ItemTower(out)(torch.tensor([1, 24]))
     with pytest.raises(ValueError, match="init must be"):
-        ItemTower(out, init="scratch")
+        ItemTower(out, init="random")
 
 
 def test_refused_split_leaves_nothing_behind(data, llama, tmp_path, monkeypatch):
