@@ -113,7 +113,7 @@ from torchrec.optim.fused import FusedOptimizerModule
 from torchrec.optim.keyed import KeyedOptimizer
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
-from torchrec_mm.redrec.item_tower import ITEM_INITS
+from torchrec_mm.redrec.item_tower import ITEM_INITS, ItemTower
 from torchrec_mm.redrec.readout import forward_at, named_layer_stack
 from torchrec_mm.redrec.sequences import (
     SEQ_ACTIONS,
@@ -173,13 +173,13 @@ class UserTowerConfig:
         embedding_dim: d, the table width and the output width; 0 = the LM hidden size.
         dropout: overrides every dropout probability of the LM config (``0.0`` for
             deterministic training); ``None`` keeps the checkpoint's values.
-        item_init: how the item tower's trained layers start (``item_states``):
-            ``"pretrained"`` or ``"scratch"`` (same architecture, random init).
         item_dropout: the same for the item tower's layers (``item_states``); default
             ``0.0``: the ``[EMB]`` states of different items are close (MiniLM: mean
             cosine ~0.8 between random items), and the checkpoint's dropout (0.1) moves
             one item's state by about as much (cosine 0.95 between two passes), so the
             retrieval loss would train on noise that evaluation does not have.
+        item_init: how the item tower's trained layers start (``item_states``):
+            ``"pretrained"`` or ``"scratch"`` (same architecture, random init).
         table_prefix: prefix of the table names (unique within a model).
         trust_remote_code: passed to transformers.
     """
@@ -586,8 +586,6 @@ class UserTower(nn.Module):
         lm = load_user_lm(self.config)
         item_tower = None
         if self.config.item_states:
-            from torchrec_mm.redrec.item_tower import ItemTower
-
             item_tower = ItemTower(self.config.item_states, init=self.config.item_init,
                                    dropout=self.config.item_dropout)
         self.encoder = UserTowerEncoder(self.config, lm, item_vectors, item_tower)
