@@ -29,7 +29,11 @@ by the experiment). A variant with ``model: sasrec`` is the ID-only SASRec basel
 trained on the train split and evaluated by :func:`run_sasrec` on the same protocol.
 A variant ``{model: popularity}`` (no other keys) ranks every user's candidates by the
 items' train-split counts (:mod:`~torchrec_mm.redrec.popularity`, :func:`run_popularity`):
-the non-personalised floor, the same for every seed.
+the non-personalised floor, the same for every seed. A variant ``{model: content_mean}``
+(options: :data:`CONTENT_MEAN_OPTIONS`, default ``train``'s) scores candidates by their
+cosine with the mean frozen content vector of the user's mixed history
+(:mod:`~torchrec_mm.redrec.content_mean`, :func:`run_content_mean`): the training-free
+reference of the content towers, also the same for every seed.
 
 **One protocol.** The evaluation cases (users, random cutoffs, targets, the shared
 random pool, their seed) are defined by the protocol fields of ``train``
@@ -65,7 +69,7 @@ import os
 import re
 import shutil
 import time
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -86,13 +90,18 @@ __all__ = [
     "retrieval_section",
     "run_redrec",
     "run_retrieval_experiment",
+    "run_content_mean",
     "run_popularity",
     "run_sasrec",
     "truncate_lm",
     "variant_configs",
 ]
 
-MODELS = ("redrec", "sasrec", "popularity")
+MODELS = ("redrec", "sasrec", "popularity", "content_mean")
+#: RedRecConfig fields a ``content_mean`` variant may set: its item vectors and which
+#: history events it averages
+CONTENT_MEAN_OPTIONS = ("content_store", "content_field", "policy", "last_n", "quotas",
+                        "eval_last_n")
 #: RedRecConfig fields that define the evaluation cases: shared by every variant
 PROTOCOL_FIELDS: Tuple[str, ...] = ("eval_split", "eval_num_targets", "eval_pool_size",
                                     "eval_ks", "eval_max_users", "eval_seed", "min_history",
@@ -103,7 +112,7 @@ _REDREC_FIELDS = tuple(f.name for f in dataclasses.fields(RedRecConfig)
 _SASREC_FIELDS = tuple(f.name for f in dataclasses.fields(SASRecConfig)
                        if f.name not in ("num_items", "seed"))
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
-#: a baseline run's evaluation (SASRec, popularity): ``{"config", "metrics"}``
+#: a baseline run's evaluation (SASRec, popularity, content_mean): ``{"config", "metrics"}``
 BASELINE_EVAL_FILE = "eval_metrics.json"
 LM_MARKER = "truncation.json"
 
@@ -257,13 +266,23 @@ def run_popularity(data: str, out: str, eval_options: Optional[Mapping[str, Any]
         "eval": the metrics}``.
     """
     from torchrec_mm.redrec.popularity import evaluate_popularity
-    from torchrec_mm.utils.io import write_json
 
     red = _protocol_of(data, out, eval_options, "popularity")
     pcfg = protocol_config(red)
     run_cfg = _canonical({"data": data, "model": "popularity",
                           "protocol": dataclasses.asdict(pcfg), "eval_split": red.eval_split,
                           "target_actions": red.target_actions})
+    return _evaluated_once(out, run_cfg, resume, only_finished, lambda: evaluate_popularity(
+        data, pcfg, red.eval_split, red.target_actions))
+
+
+def _evaluated_once(out: str, run_cfg: Dict[str, Any], resume: bool, only_finished: bool,
+                    evaluate: Callable[[], Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """A training-free baseline's ``{"config", "eval"}``: read from
+    ``out/eval_metrics.json`` when it holds a run of ``run_cfg`` (and ``resume``), else
+    None with ``only_finished``, else ``evaluate()`` written there."""
+    from torchrec_mm.utils.io import write_json
+
     done = os.path.join(out, BASELINE_EVAL_FILE)
     if resume and os.path.exists(done):
         with open(done) as f:
@@ -272,10 +291,42 @@ def run_popularity(data: str, out: str, eval_options: Optional[Mapping[str, Any]
             return {"config": run_cfg, "eval": old["metrics"]}
     if only_finished:
         return None
-    metrics = evaluate_popularity(data, pcfg, red.eval_split, red.target_actions)
+    metrics = evaluate()
     os.makedirs(out, exist_ok=True)
     write_json(done, {"config": run_cfg, "metrics": metrics})
     return {"config": run_cfg, "eval": metrics}
+
+
+def run_content_mean(cfg: RedRecConfig, resume: bool = True, only_finished: bool = False
+                     ) -> Optional[Dict[str, Any]]:
+    """Evaluates the mean-of-history content baseline (:func:`~torchrec_mm.redrec.
+    content_mean.evaluate_content_mean`) with ``cfg``'s content store, the events
+    RED-Rec's user tower reads at evaluation (``policy``, ``quotas``, ``eval_last_n``,
+    default ``last_n - window``) and ``cfg``'s protocol; writes ``cfg.out/eval_metrics.json``. A finished
+    run of the same configuration is reused, or returned alone with ``only_finished``
+    (None if there is none).
+
+    Returns:
+        ``{"config": {"data", "model", "protocol", "eval_split", "target_actions",
+        "content_store", "content_field", "mix"}, "eval": the metrics}``.
+    """
+    from torchrec_mm.redrec.content_mean import evaluate_content_mean
+
+    if not cfg.content_store:
+        raise ValueError("content_mean: needs content_store (the frozen item vectors of "
+                         "`torchrec-mm content encode`)")
+    pcfg = protocol_config(cfg)
+    mix_cfg = cfg.mix_config(cfg.resolved_eval_last_n)
+    run_cfg = _canonical({"data": cfg.data, "model": "content_mean",
+                          "protocol": dataclasses.asdict(pcfg), "eval_split": cfg.eval_split,
+                          "target_actions": cfg.target_actions,
+                          "content_store": cfg.content_store,
+                          "content_field": cfg.content_field,
+                          "mix": dataclasses.asdict(mix_cfg)})
+    return _evaluated_once(cfg.out, run_cfg, resume, only_finished,
+                           lambda: evaluate_content_mean(
+                               cfg.data, cfg.content_store, pcfg, cfg.eval_split,
+                               cfg.target_actions, mix_cfg, cfg.content_field))
 
 
 # --------------------------------------------------------------------------- LM
@@ -349,8 +400,8 @@ def redrec_lm_step(data: str, out: str, options: Dict[str, Any],
 @dataclasses.dataclass
 class RetrievalVariant:
     """One variant of a retrieval spec: ``model`` (``"redrec"`` | ``"sasrec"`` |
-    ``"popularity"``) and its ``options`` (RedRecConfig overrides / SASRecConfig fields /
-    none)."""
+    ``"popularity"`` | ``"content_mean"``) and its ``options`` (RedRecConfig overrides /
+    SASRecConfig fields / none / :data:`CONTENT_MEAN_OPTIONS`)."""
 
     name: str
     model: str
@@ -405,6 +456,11 @@ def check_spec(spec: Mapping[str, Any], spec_path: str) -> Dict[str, RetrievalVa
             if opts:
                 raise ValueError(f"{where}: the popularity baseline takes no options, got "
                                  f"{sorted(opts)}")
+        elif model == "content_mean":
+            bad = sorted(set(opts) - set(CONTENT_MEAN_OPTIONS))
+            if bad:
+                raise ValueError(f"{where}: unknown content_mean option(s) {bad}; known: "
+                                 f"{list(CONTENT_MEAN_OPTIONS)}")
         else:
             bad = sorted(set(opts) - set(_SASREC_FIELDS))
             if bad:
@@ -427,8 +483,9 @@ def _base_config(spec: Mapping[str, Any], spec_path: str, data: str, out: str
 def variant_configs(spec: Mapping[str, Any], spec_path: str, data: str, out: str
                     ) -> Dict[str, List[Any]]:
     """Every run of a retrieval spec, validated: ``{variant: [per seed]}``, a
-    :class:`RedRecConfig` for RED-Rec variants, ``(SASRecConfig options, eval options,
-    run dir)`` for SASRec variants. No data is read (``{prepare}`` / ``{data}`` are
+    :class:`RedRecConfig` for RED-Rec and content_mean variants, ``(SASRecConfig
+    options, eval options, run dir)`` for SASRec variants (``({}, eval options, run
+    dir)`` for popularity). No data is read (``{prepare}`` / ``{data}`` are
     substituted with ``OUT/prepare`` and ``data``)."""
     variants = check_spec(spec, spec_path)
     values = spec_values(data, out)
@@ -447,6 +504,12 @@ def variant_configs(spec: Mapping[str, Any], spec_path: str, data: str, out: str
                                                 "out": run_dir, "seed": int(seed)}))
                 elif var.model == "popularity":
                     runs.append(({}, eval_options, run_dir))
+                elif var.model == "content_mean":
+                    # frozen content vectors whatever item side ``train`` has
+                    runs.append(RedRecConfig(**{
+                        **train, "item_embedding": "content", "item_states": None,
+                        "item_lr": None, "item_init": "pretrained", **opts, "data": data,
+                        "out": run_dir, "seed": int(seed)}))
                 else:
                     options = {**opts, "seed": int(seed)}
                     SASRecConfig(num_items=1, **options)  # validates the values
@@ -592,9 +655,12 @@ def run_retrieval_experiment(spec: Dict[str, Any], spec_path: str, data: str, ou
                 if not per_seed:
                     curves[name] = [{"step": c["step"], "loss": c["loss"]}
                                     for c in r["curve"]]
-            elif var.model == "popularity":
-                _, eval_options, run_dir = run
-                r = run_popularity(data, run_dir, eval_options, only_finished=not run_it)
+            elif var.model in ("popularity", "content_mean"):
+                if var.model == "popularity":
+                    _, eval_options, run_dir = run
+                    r = run_popularity(data, run_dir, eval_options, only_finished=not run_it)
+                else:
+                    r = run_content_mean(run, only_finished=not run_it)
                 if r is None:
                     break
                 ev = r["eval"]

@@ -261,12 +261,15 @@ def test_ablation_spec_covers_the_paper_and_builds(tmp_path):
     assert spec["task"] == "retrieval"
     assert "min" in spec["description"]  # the documented wall time
     configs = rx.variant_configs(spec, ABLATION_SPEC, "DATA", str(tmp_path))
-    red = [c for runs in configs.values() for c in runs
-           if isinstance(c, train_mod.RedRecConfig)]
-    baselines = sorted(v for v, runs in configs.items()
-                       if not isinstance(runs[0], train_mod.RedRecConfig))
-    assert baselines == ["popularity", "sasrec"]
-    assert len(red) == (len(configs) - 2) * len(spec["seeds"])
+    models = {v: (o or {}).get("model", "redrec") for v, o in spec["variants"].items()}
+    baselines = sorted(v for v, m in models.items() if m != "redrec")
+    assert set(models.values()) == {"redrec", "sasrec", "popularity", "content_mean"}
+    red = [c for v, runs in configs.items() if models[v] == "redrec" for c in runs]
+    assert all(isinstance(c, train_mod.RedRecConfig) for c in red)
+    assert len(red) == (len(configs) - len(baselines)) * len(spec["seeds"])
+    # the content_mean baselines read the spec's frozen content vectors, no trained side
+    for v in (v for v, m in models.items() if m == "content_mean"):
+        assert all(c.content_store and not c.item_states for c in configs[v]), v
     assert {c.policy for c in red} == set(POLICIES)
     assert {c.last_n for c in red} >= {128, 64, 32}
     assert {c.init for c in red} == set(INITS)
