@@ -29,6 +29,7 @@ import torch
 from torchrec_mm.redrec.protocol import (ProtocolConfig, evaluate_multi_interest,
                                          make_eval_cases)
 from torchrec_mm.redrec.sequences import EventLog, MixConfig, mix
+from torchrec_mm.utils import jagged
 
 __all__ = ["centred_unit", "evaluate_content_mean", "history_means"]
 
@@ -51,9 +52,8 @@ def history_means(items: np.ndarray, item_vectors: torch.Tensor) -> torch.Tensor
         [B, d]; zero for rows without events.
     """
     ids = torch.from_numpy(np.asarray(items, np.int64))
-    valid = (ids >= 0).to(item_vectors.dtype)
-    summed = torch.einsum("bn,bnd->bd", valid, item_vectors[ids.clamp(min=0)])
-    return summed / valid.sum(1, keepdim=True).clamp(min=1)
+    valid = ids >= 0
+    return jagged.gather_pool(item_vectors, ids[valid], valid.sum(1), "mean")
 
 
 def evaluate_content_mean(data: str, content_store: str,
@@ -80,22 +80,14 @@ def evaluate_content_mean(data: str, content_store: str,
         ``{"HR@K", "NDCG@K", "MRR@K", "MRR", "num_users", "num_candidates",
         "pool_size", "seconds"}``.
     """
-    from torchrec_mm.content.store import ContentStore
     from torchrec_mm.data.io import load_meta
-    from torchrec_mm.redrec.train import eval_target_rows
+    from torchrec_mm.redrec.train import content_vectors, eval_target_rows
 
     t0 = time.time()
     cfg = protocol_cfg or ProtocolConfig()
     mix_cfg = mix_cfg or MixConfig()
     num_items = load_meta(data).num_items
-    store = ContentStore(content_store)
-    if store.num_items != num_items:
-        raise ValueError(f"content store {content_store}: made for {store.num_items} items, "
-                         f"the dataset {data} has {num_items}")
-    if field not in store.fields:
-        raise ValueError(f"content store {content_store}: no field {field!r} (has "
-                         f"{sorted(store.fields)})")
-    vectors = centred_unit(store.as_table(field, fill="mean").reshape(num_items, -1))
+    vectors = centred_unit(content_vectors(content_store, field, num_items, data))
     log = EventLog.from_dataset(data)
     rows = eval_target_rows(log, data, split, target_actions)
     cases = make_eval_cases(log.user_offsets, log.item, log.timestamp, num_items, cfg,

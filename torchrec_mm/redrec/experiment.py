@@ -302,9 +302,9 @@ def run_content_mean(cfg: RedRecConfig, resume: bool = True, only_finished: bool
     """Evaluates the mean-of-history content baseline (:func:`~torchrec_mm.redrec.
     content_mean.evaluate_content_mean`) with ``cfg``'s content store, the events
     RED-Rec's user tower reads at evaluation (``policy``, ``quotas``, ``eval_last_n``,
-    default ``last_n - window``) and ``cfg``'s protocol; writes ``cfg.out/eval_metrics.json``. A finished
-    run of the same configuration is reused, or returned alone with ``only_finished``
-    (None if there is none).
+    default ``last_n - window``) and ``cfg``'s protocol; writes
+    ``cfg.out/eval_metrics.json``. A finished run of the same configuration is reused,
+    or returned alone with ``only_finished`` (None if there is none).
 
     Returns:
         ``{"config": {"data", "model", "protocol", "eval_split", "target_actions",

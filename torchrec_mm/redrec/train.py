@@ -532,20 +532,26 @@ class RedRecModel(nn.Module):
         return loss, interests, vals
 
 
+def content_vectors(content_store: str, field: str, num_items: int, data: str
+                    ) -> torch.Tensor:
+    """[num_items, D] float32 frozen item vectors: ``field`` of a content store made for
+    the dataset ``data`` (items the store lacks get the mean row)."""
+    from torchrec_mm.content.store import ContentStore
+
+    store = ContentStore(str(content_store))
+    if store.num_items != num_items:
+        raise ValueError(f"content store {content_store}: made for {store.num_items} "
+                         f"items, the dataset {data} has {num_items}")
+    if field not in store.fields:
+        raise ValueError(f"content store {content_store}: no field {field!r} (has "
+                         f"{sorted(store.fields)})")
+    return store.as_table(field, fill="mean").reshape(num_items, -1)
+
+
 def _item_vectors(cfg: RedRecConfig, num_items: int) -> Optional[torch.Tensor]:
     if cfg.item_embedding != "content" or cfg.item_states:
         return None
-    from torchrec_mm.content.store import ContentStore
-
-    store = ContentStore(str(cfg.content_store))
-    if store.num_items != num_items:
-        raise ValueError(f"content store {cfg.content_store}: made for {store.num_items} "
-                         f"items, the dataset {cfg.data} has {num_items}")
-    if cfg.content_field not in store.fields:
-        raise ValueError(f"content store {cfg.content_store}: no field "
-                         f"{cfg.content_field!r} (has {sorted(store.fields)})")
-    table = store.as_table(cfg.content_field, fill="mean")
-    return table.reshape(num_items, -1)
+    return content_vectors(str(cfg.content_store), cfg.content_field, num_items, cfg.data)
 
 
 def build_model(cfg: RedRecConfig) -> RedRecModel:
