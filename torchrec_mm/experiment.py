@@ -116,7 +116,7 @@ def _train_config(data: str, out: str, base: Dict[str, Any], overrides: Dict[str
     ranker = {**(raw.pop("ranker", {}) or {}), **(overrides.get("ranker", {}) or {})}
     raw.update({k: v for k, v in overrides.items() if k not in ("ranker", "plugins")})
     raw.update({"data": data, "out": out, "seed": seed, "plugins": plugins})
-    raw.setdefault("progress", False)
+    raw.setdefault("progress", True)  # a run's step bar under the experiment's run bar
     return TrainConfig(ranker=RankerConfig.from_dict(ranker), **raw)
 
 
@@ -152,10 +152,9 @@ def _run_once(cfg: Any, train: Callable[[Any], Dict[str, Any]],
     if os.path.exists(done):
         with open(done) as f:
             result = json.load(f)
-        from torchrec_mm.training.trainer import normalized_config
+        from torchrec_mm.training.trainer import same_run
 
-        if normalized_config(result.get("config") or {}) == json.loads(
-                json.dumps(cfg.to_dict())):
+        if same_run(result.get("config") or {}, cfg):
             return result
     return None if only_finished else train(cfg)
 

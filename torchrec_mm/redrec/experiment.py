@@ -76,8 +76,9 @@ import numpy as np
 from torchrec_mm.experiment import _substitute, register_step, run_prepare_steps, spec_values
 from torchrec_mm.redrec.protocol import ProtocolConfig
 from torchrec_mm.redrec.sasrec import SASRecConfig, train_sasrec
-from torchrec_mm.redrec.train import RedRecConfig, train_redrec
+from torchrec_mm.redrec.train import RedRecConfig, normalized_redrec_config, train_redrec
 from torchrec_mm.report import Figure, Section, Table, _new_figure, _png, mean_std
+from torchrec_mm.training.trainer import same_run
 
 __all__ = [
     "PROTOCOL_FIELDS",
@@ -171,7 +172,7 @@ def run_redrec(cfg: RedRecConfig, only_finished: bool = False) -> Optional[Dict[
     if os.path.exists(done):
         with open(done) as f:
             old = json.load(f)
-        if old.get("config") == _canonical(cfg.to_dict()) and (
+        if same_run(old.get("config") or {}, cfg, normalized_redrec_config) and (
                 old.get("eval") or not cfg.evaluate):
             return old
     return None if only_finished else train_redrec(cfg)
@@ -474,7 +475,7 @@ def _base_config(spec: Mapping[str, Any], spec_path: str, data: str, out: str
                  ) -> RedRecConfig:
     train = _substitute(copy.deepcopy(spec.get("train") or {}), spec_values(data, out))
     try:
-        return RedRecConfig(**{"progress": False, **train, "data": data,
+        return RedRecConfig(**{"progress": True, **train, "data": data,
                                "out": os.path.join(out, "runs")})
     except (TypeError, ValueError) as e:
         raise ValueError(f"{spec_path}: train: {e}") from None
@@ -667,7 +668,7 @@ def run_retrieval_experiment(spec: Dict[str, Any], spec_path: str, data: str, ou
                 info.append({"train_seconds": ev["seconds"], "last_loss": None})
             else:
                 options, eval_options, run_dir = run
-                r = run_sasrec(data, run_dir, options, eval_options,
+                r = run_sasrec(data, run_dir, options, eval_options, progress=True,
                                only_finished=not run_it)
                 if r is None:
                     break

@@ -181,6 +181,13 @@ def test_rerun_skips_finished_runs(experiment, env, monkeypatch, capsys):
     assert list(again["variants"]) == ["multi", "single", "sasrec"]  # spec order
     printed = capsys.readouterr().out
     assert all(f"{v}: HR@10" in printed for v in ("multi", "single", "sasrec"))
+    # bars on or off is not another run: a spec that turns them off reuses every run
+    with open(experiment["spec"]) as f:
+        quiet = yaml.safe_load(f)
+    quiet["train"]["progress"] = False
+    quiet_spec = write_spec(env["root"] / "tiny_quiet.yaml", quiet)
+    assert run_experiment(quiet_spec, env["data"], out)["variants"] == first["variants"]
+    assert (red.calls, sas.calls) == (0, 0)
     # a run without its final metrics is run again (RED-Rec resumes from its checkpoint
     # and only re-evaluates); --variants restricts the runs; the report also shows the
     # other variants whose runs have all finished, and leaves out the others untrained

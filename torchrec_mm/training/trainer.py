@@ -275,6 +275,22 @@ def normalized_config(raw: Dict[str, Any]) -> Dict[str, Any]:
     return json.loads(json.dumps(cfg.to_dict()))
 
 
+# options that change what a run shows, never what it computes: a finished run is the
+# same run whatever they were (an experiment re-run with bars on reuses it)
+DISPLAY_ONLY = frozenset({"progress"})
+
+
+def same_run(stored: Dict[str, Any], cfg: Any,
+             normalize: Callable[[Dict[str, Any]], Dict[str, Any]] = normalized_config
+             ) -> bool:
+    """True when ``stored`` (the ``config`` of a finished run's metrics, read through
+    ``normalize``) has the settings of ``cfg`` (a config dataclass with ``to_dict``),
+    :data:`DISPLAY_ONLY` options aside."""
+    old = normalize(dict(stored or {}))
+    new = json.loads(json.dumps(cfg.to_dict()))
+    return all(old.get(k) == new.get(k) for k in set(old) | set(new) if k not in DISPLAY_ONLY)
+
+
 def _check_resumable(cfg: TrainConfig,
                      normalize: Callable[[Dict[str, Any]], Dict[str, Any]] = normalized_config
                      ) -> None:
