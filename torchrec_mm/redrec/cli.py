@@ -35,7 +35,7 @@ from typing import Any, Dict
 
 from torchrec_mm.redrec.sequences import POLICIES
 from torchrec_mm.redrec.item_tower import ITEM_INITS
-from torchrec_mm.redrec.tower import INITS, ITEM_EMBEDDINGS
+from torchrec_mm.redrec.tower import INITS, ITEM_EMBEDDINGS, LM_POSITIONS
 from torchrec_mm.training.sharding import SHARDING_TYPES
 
 _KS_HELP = "comma-separated cutoffs K of HR/NDCG/MRR@K, e.g. 10,50,100,1000"
@@ -102,6 +102,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    "(default 0.0)")
     p.add_argument("--item-init", choices=ITEM_INITS, help="how the item tower's trained "
                    "layers start (scratch: random init)")
+    p.add_argument("--lm-positions", choices=LM_POSITIONS, help="lm: the user LM adds its "
+                   "own positions; none: order only through PE_seq / PE_gap")
     p.add_argument("--content-field", choices=["emb_token", "pooled"])
     p.add_argument("--embedding-dim", type=int)
     p.add_argument("--interests-per-scenario", type=int)

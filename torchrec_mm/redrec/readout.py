@@ -169,7 +169,8 @@ def _last_layer_at(layer: nn.Module, sa: nn.Module, hidden: torch.Tensor,
 
 def forward_at(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
                rows: torch.Tensor, cols: torch.Tensor, fast: Optional[bool] = None,
-               absorbed: Optional[bool] = None) -> torch.Tensor:
+               absorbed: Optional[bool] = None,
+               position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``lm``'s last hidden states at the given positions.
 
     Args:
@@ -183,6 +184,7 @@ def forward_at(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch
         absorbed: the fast path's attention form: keys and values projected over every
             position (``False``) or the query taken into the hidden space
             (``True``); ``None`` = the one with fewer multiply-adds.
+        position_ids: ``[B, T]`` passed to ``lm`` (``None``: the LM's own, 0..T-1).
 
     Returns:
         ``[B, P, H]``, equal to ``lm(...).last_hidden_state[rows, cols]``.
@@ -193,12 +195,13 @@ def forward_at(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch
         if fast:
             raise ValueError(f"forward_at: {type(layer_stack(lm)[-1]).__name__} is not a "
                              "BERT-family layer")
-        h = lm(inputs_embeds=inputs_embeds, attention_mask=mask.long()).last_hidden_state
+        h = lm(inputs_embeds=inputs_embeds, attention_mask=mask.long(),
+               position_ids=position_ids).last_hidden_state
         return h[rows, cols]
     last, sa = parts
     handle = last.register_forward_pre_hook(_stop_before, with_kwargs=True)
     try:
-        lm(inputs_embeds=inputs_embeds, attention_mask=mask.long())
+        lm(inputs_embeds=inputs_embeds, attention_mask=mask.long(), position_ids=position_ids)
     except _ReachedLastLayer as stop:
         hidden = stop.hidden
     else:  # pragma: no cover - the hook always fires

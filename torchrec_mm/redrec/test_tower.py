@@ -193,6 +193,34 @@ def test_event_changes_only_its_user(bert):
     assert (a[0] - c[0]).abs().max() > 1e-4
 
 
+def test_lm_positions_none_leaves_order_to_the_position_tables(bert):
+    """lm_positions='none': the LM gets no positions of its own, so with PE_seq constant
+    (the 1d_time policy) a user's events in another order with the same gap buckets
+    give the same interests; with the LM's own positions ('lm') they do not."""
+    lengths = [5, 3]
+    ev = random_events(np.random.default_rng(3), lengths)
+    ev[SEQ_POS][:] = 0
+    perm = {k: v.copy() for k, v in ev.items()}
+    order = np.array([3, 0, 4, 1, 2, 5, 6, 7])                     # user 0 reordered
+    for k in perm:
+        perm[k] = perm[k][order]
+    outs = {}
+    for mode in ("none", "lm"):
+        tower = _tower(bert, lm_positions=mode)
+        with torch.no_grad():
+            # the tiny LM's random position table is small next to the inputs: make it
+            # count (in both modes: 'none' must ignore it however large)
+            tower.encoder.lm.embeddings.position_embeddings.weight.mul_(50.0)
+            outs[mode] = (tower(to_kjt(ev, lengths)), tower(to_kjt(perm, lengths)))
+    a, b = outs["none"]
+    torch.testing.assert_close(a, b, atol=2e-6, rtol=0)
+    a, b = outs["lm"]
+    assert (a[0] - b[0]).abs().max() > 1e-4  # (the tiny LM moves little per event)
+    torch.testing.assert_close(a[1], b[1], atol=2e-6, rtol=0)
+    with pytest.raises(ValueError, match="lm_positions must be one of"):
+        _cfg(bert, lm_positions="rope")
+
+
 def test_init_modes_pretrained_scratch_frozen(bert):
     from transformers import AutoModel
 

@@ -128,6 +128,7 @@ __all__ = [
     "CAND_ITEM",
     "INITS",
     "ITEM_EMBEDDINGS",
+    "LM_POSITIONS",
     "SEQ_ACTION_BIT",
     "ShardedUserTower",
     "UserTower",
@@ -138,6 +139,8 @@ __all__ = [
 
 INITS: Tuple[str, ...] = ("pretrained", "scratch", "frozen")
 ITEM_EMBEDDINGS: Tuple[str, ...] = ("id", "content")
+#: how the LM places the sequence's tokens (``UserTowerConfig.lm_positions``)
+LM_POSITIONS: Tuple[str, ...] = ("lm", "none")
 CAND_ITEM = "cand_item_id"
 """Optional KJT key: candidate items per row, embedded by the item side."""
 SEQ_ACTION_BIT = "seq_action_bit"
@@ -180,6 +183,11 @@ class UserTowerConfig:
             retrieval loss would train on noise that evaluation does not have.
         item_init: how the item tower's trained layers start (``item_states``):
             ``"pretrained"`` or ``"scratch"`` (same architecture, random init).
+        lm_positions: ``"lm"``: the LM adds its own position encoding (MiniLM's
+            absolute positions, RoPE) to the sequence, on top of ``PE_seq``/``PE_gap``;
+            ``"none"``: every token is at LM position 0, so the sequence's order reaches
+            the LM only through ``PE_seq`` and ``PE_gap`` (and the 1-D policies of
+            :mod:`~torchrec_mm.redrec.sequences` really drop one axis).
         table_prefix: prefix of the table names (unique within a model).
         trust_remote_code: passed to transformers.
     """
@@ -198,6 +206,7 @@ class UserTowerConfig:
     dropout: Optional[float] = None
     item_dropout: Optional[float] = 0.0
     item_init: str = "pretrained"
+    lm_positions: str = "lm"
     table_prefix: str = "t_redrec"
     trust_remote_code: bool = False
 
@@ -226,6 +235,9 @@ class UserTowerConfig:
         if self.item_init != "pretrained" and not self.item_states:
             raise ValueError(f"item_init={self.item_init!r} needs item_states (the trained "
                              "item tower)")
+        if self.lm_positions not in LM_POSITIONS:
+            raise ValueError(f"lm_positions must be one of {LM_POSITIONS}, got "
+                             f"{self.lm_positions!r}")
 
     @property
     def num_interests(self) -> int:
@@ -335,6 +347,7 @@ class UserTowerEncoder(nn.Module):
         self.hidden_size = int(text_cfg.hidden_size)
         self.dim = cfg.embedding_dim or self.hidden_size
         self.num_interests = cfg.num_interests
+        self.lm_positions = cfg.lm_positions
         self.init_range = float(getattr(text_cfg, "initializer_range", 0.02))
         max_pos = getattr(text_cfg, "max_position_embeddings", None)
         if max_pos is not None and cfg.last_n + cfg.num_interests > int(max_pos):
@@ -407,7 +420,9 @@ class UserTowerEncoder(nn.Module):
         rows = torch.arange(B, device=x.device)[:, None].expand(B, K)
         x = x.index_put((rows, q_pos), self.queries.to(x.dtype).expand(B, K, H))
         mask = (torch.arange(T + K, device=x.device)[None, :] < (lengths + K)[:, None])
-        h = forward_at(self.lm, x, mask, rows, q_pos)                            # [B, K, H]
+        positions = (torch.zeros(B, T + K, dtype=torch.long, device=x.device)
+                     if self.lm_positions == "none" else None)
+        h = forward_at(self.lm, x, mask, rows, q_pos, position_ids=positions)   # [B, K, H]
         return F.normalize(self.output_proj(h), dim=-1)
 
 

@@ -128,6 +128,7 @@ from torchrec_mm.redrec.tower import (
     CAND_ITEM,
     INITS,
     ITEM_EMBEDDINGS,
+    LM_POSITIONS,
     UserTower,
     UserTowerConfig,
     UserTowerSharder,
@@ -182,6 +183,8 @@ class RedRecConfig:
             (default 0.0, ``None``: the LM config's; ``UserTowerConfig.item_dropout``);
             item_init: ``"pretrained"`` or ``"scratch"`` (its trained layers randomly
             initialised: Table A3's "Item LLM from scratch").
+        lm_positions: ``"lm"`` or ``"none"`` (the user LM's own position encoding off:
+            ``UserTowerConfig.lm_positions``).
         policy / last_n / quotas: :class:`~torchrec_mm.redrec.sequences.MixConfig`.
         window: W, the look-ahead window (paper 10); min_history: events kept as input.
         target_actions: the actions that make an event a positive (e.g. ``["is_click"]``
@@ -214,6 +217,7 @@ class RedRecConfig:
     item_lr: Optional[float] = None
     item_dropout: Optional[float] = 0.0
     item_init: str = "pretrained"
+    lm_positions: str = "lm"
     embedding_dim: int = 0
     interests_per_scenario: int = 3
     dropout: Optional[float] = None
@@ -264,7 +268,8 @@ class RedRecConfig:
         from torchrec_mm.training.trainer import EMBEDDING_OPTIMIZERS
 
         self.eval_ks = tuple(int(k) for k in self.eval_ks)
-        choices = {"init": INITS, "item_init": ITEM_INITS, "item_embedding": ITEM_EMBEDDINGS,
+        choices = {"init": INITS, "item_init": ITEM_INITS, "lm_positions": LM_POSITIONS,
+                   "item_embedding": ITEM_EMBEDDINGS,
                    "policy": POLICIES,
                    "loss": LOSSES, "negatives": NEGATIVES, "single_pool": ("mean", "first"),
                    "dense_optimizer": ("adam", "sgd"),
@@ -567,7 +572,7 @@ def build_model(cfg: RedRecConfig) -> RedRecModel:
         interests_per_scenario=cfg.interests_per_scenario,
         item_embedding=cfg.item_embedding, item_states=cfg.item_states,
         embedding_dim=cfg.embedding_dim, dropout=cfg.dropout, item_dropout=cfg.item_dropout,
-        item_init=cfg.item_init)
+        item_init=cfg.item_init, lm_positions=cfg.lm_positions)
     return RedRecModel(UserTower(tower_cfg, item_vectors=vecs), cfg)
 
 
