@@ -44,7 +44,9 @@ identical to ``"2d"`` or to ``"concat"``.
 In every policy the user tower's LM still applies its own position encoding to the
 sequence it reads (the user tower passes no ``position_ids``: MiniLM's pretrained
 absolute positions, RoPE in a decoder LM), so ``"1d_time"`` drops the learned
-``PE_seq`` table of RED-Rec's input, not the LM's notion of order.
+``PE_seq`` table of RED-Rec's input, not the LM's notion of order — unless the tower
+runs with ``lm_positions="none"`` (:class:`~torchrec_mm.redrec.tower.UserTowerConfig`),
+which puts every token at LM position 0.
 
 **Quotas** (``2d``, ``concat``, ``1d_*``). ``quotas`` maps scenario names to
 ``n_s``; scenarios that are not listed get ``0``, and the quotas must sum to at most
