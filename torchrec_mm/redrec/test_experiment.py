@@ -19,7 +19,7 @@ from torchrec_mm.redrec import sasrec as sasrec_mod
 from torchrec_mm.redrec import train as train_mod
 from torchrec_mm.redrec.sequences import POLICIES
 from torchrec_mm.redrec.test_tower import build_tiny_bert
-from torchrec_mm.redrec.tower import INITS
+from torchrec_mm.redrec.tower import INITS, LM_POSITIONS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -280,6 +280,10 @@ def test_ablation_spec_covers_the_paper_and_builds(tmp_path):
     assert {c.policy for c in red} == set(POLICIES)
     assert {c.last_n for c in red} >= {128, 64, 32}
     assert {c.init for c in red} == set(INITS)
+    # the mixing ablation with the LM's own positions off as well (lm_positions none)
+    assert {c.lm_positions for c in red} == set(LM_POSITIONS)
+    assert {c.policy for c in red if c.lm_positions == "none"} >= {"2d", "1d_time",
+                                                                    "global_time"}
     assert {c.loss for c in red} == {"multi_interest", "single_interest"}
     assert len({c.seed for c in red}) == len(spec["seeds"]) >= 2
     # one protocol for all
