@@ -190,18 +190,20 @@ def forward_at(lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch
         ``[B, P, H]``, equal to ``lm(...).last_hidden_state[rows, cols]``.
     """
     mask = attention_mask.to(torch.bool)
+    # only when given: an LM's forward need not take position_ids
+    extra = {} if position_ids is None else {"position_ids": position_ids}
     parts = _fast_last_layer(lm) if fast is not False else None
     if parts is None:
         if fast:
             raise ValueError(f"forward_at: {type(layer_stack(lm)[-1]).__name__} is not a "
                              "BERT-family layer")
         h = lm(inputs_embeds=inputs_embeds, attention_mask=mask.long(),
-               position_ids=position_ids).last_hidden_state
+               **extra).last_hidden_state
         return h[rows, cols]
     last, sa = parts
     handle = last.register_forward_pre_hook(_stop_before, with_kwargs=True)
     try:
-        lm(inputs_embeds=inputs_embeds, attention_mask=mask.long(), position_ids=position_ids)
+        lm(inputs_embeds=inputs_embeds, attention_mask=mask.long(), **extra)
     except _ReachedLastLayer as stop:
         hidden = stop.hidden
     else:  # pragma: no cover - the hook always fires

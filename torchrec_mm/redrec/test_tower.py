@@ -27,6 +27,7 @@ from torchrec_mm.redrec.tower import (
     CAND_ITEM,
     UserTower,
     UserTowerConfig,
+    UserTowerEncoder,
     UserTowerSharder,
 )
 
@@ -219,6 +220,25 @@ def test_lm_positions_none_leaves_order_to_the_position_tables(bert):
     torch.testing.assert_close(a[1], b[1], atol=2e-6, rtol=0)
     with pytest.raises(ValueError, match="lm_positions must be one of"):
         _cfg(bert, lm_positions="rope")
+
+
+def test_lm_positions_none_needs_an_lm_that_takes_position_ids(bert):
+    from transformers import AutoModel
+
+    class NoPositions(torch.nn.Module):
+        """An LM whose forward has no position_ids argument."""
+
+        def __init__(self, lm):
+            super().__init__()
+            self.lm, self.config = lm, lm.config
+
+        def forward(self, inputs_embeds, attention_mask=None):
+            return self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+
+    lm = NoPositions(AutoModel.from_pretrained(bert))
+    with pytest.raises(ValueError, match="NoPositions.forward takes no position_ids"):
+        UserTowerEncoder(_cfg(bert, lm_positions="none"), lm)
+    UserTowerEncoder(_cfg(bert), lm)  # its own positions: fine
 
 
 def test_init_modes_pretrained_scratch_frozen(bert):

@@ -85,6 +85,7 @@ Example::
 """
 
 import dataclasses
+import inspect
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Type
@@ -348,6 +349,10 @@ class UserTowerEncoder(nn.Module):
         self.dim = cfg.embedding_dim or self.hidden_size
         self.num_interests = cfg.num_interests
         self.lm_positions = cfg.lm_positions
+        if self.lm_positions == "none" and "position_ids" not in inspect.signature(
+                lm.forward).parameters:
+            raise ValueError(f"lm_positions='none': {type(lm).__name__}.forward takes no "
+                             "position_ids; use lm_positions='lm' with this LM")
         self.init_range = float(getattr(text_cfg, "initializer_range", 0.02))
         max_pos = getattr(text_cfg, "max_position_embeddings", None)
         if max_pos is not None and cfg.last_n + cfg.num_interests > int(max_pos):
