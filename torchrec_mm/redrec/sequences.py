@@ -41,12 +41,13 @@ reading used here follows from that: the 1-D variants keep the quota-balanced,
 chronologically merged events and drop one of the two position terms. The two
 other readings (a different event order or event set) give a sequence that is
 identical to ``"2d"`` or to ``"concat"``.
-In every policy the user tower's LM still applies its own position encoding to the
-sequence it reads (the user tower passes no ``position_ids``: MiniLM's pretrained
-absolute positions, RoPE in a decoder LM), so ``"1d_time"`` drops the learned
-``PE_seq`` table of RED-Rec's input, not the LM's notion of order — unless the tower
-runs with ``lm_positions="none"`` (:class:`~torchrec_mm.redrec.tower.UserTowerConfig`),
-which puts every token at LM position 0.
+
+With the user tower's default ``lm_positions="lm"``
+(:class:`~torchrec_mm.redrec.tower.UserTowerConfig`) its LM also applies its own
+position encoding to the sequence (MiniLM's pretrained absolute positions, RoPE in a
+decoder LM) in every policy, so ``"1d_time"`` drops the learned ``PE_seq`` table of
+RED-Rec's input, not the LM's notion of order; ``lm_positions="none"`` puts every
+token at LM position 0, and then the 1-D policies drop one axis for real.
 
 **Quotas** (``2d``, ``concat``, ``1d_*``). ``quotas`` maps scenario names to
 ``n_s``; scenarios that are not listed get ``0``, and the quotas must sum to at most

@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -280,15 +280,24 @@ def normalized_config(raw: Dict[str, Any]) -> Dict[str, Any]:
 DISPLAY_ONLY = frozenset({"progress"})
 
 
+def config_changes(stored: Dict[str, Any], cfg: Any, ignore: Iterable[str],
+                   normalize: Callable[[Dict[str, Any]], Dict[str, Any]] = normalized_config
+                   ) -> Dict[str, Tuple[Any, Any]]:
+    """``{option: (stored value, cfg's value)}`` for every option outside ``ignore``
+    whose value differs between ``stored`` (a run's stored configuration, read through
+    ``normalize``) and ``cfg`` (a config dataclass with ``to_dict``), sorted by name."""
+    old = normalize(dict(stored or {}))
+    new = json.loads(json.dumps(cfg.to_dict()))
+    return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+            if k not in ignore and old.get(k) != new.get(k)}
+
+
 def same_run(stored: Dict[str, Any], cfg: Any,
              normalize: Callable[[Dict[str, Any]], Dict[str, Any]] = normalized_config
              ) -> bool:
-    """True when ``stored`` (the ``config`` of a finished run's metrics, read through
-    ``normalize``) has the settings of ``cfg`` (a config dataclass with ``to_dict``),
-    :data:`DISPLAY_ONLY` options aside."""
-    old = normalize(dict(stored or {}))
-    new = json.loads(json.dumps(cfg.to_dict()))
-    return all(old.get(k) == new.get(k) for k in set(old) | set(new) if k not in DISPLAY_ONLY)
+    """True when ``stored`` (the ``config`` of a finished run's metrics) has the
+    settings of ``cfg``, :data:`DISPLAY_ONLY` options aside."""
+    return not config_changes(stored, cfg, DISPLAY_ONLY, normalize)
 
 
 def _check_resumable(cfg: TrainConfig,
@@ -300,13 +309,10 @@ def _check_resumable(cfg: TrainConfig,
     if not os.path.exists(path):
         return
     with open(path) as f:
-        old = normalize(json.load(f))
-    new = json.loads(json.dumps(cfg.to_dict()))
-    diff = sorted(k for k in set(old) | set(new)
-                  if k not in _RESUMABLE_CHANGES and old.get(k) != new.get(k))
+        diff = config_changes(json.load(f), cfg, _RESUMABLE_CHANGES, normalize)
     if diff:
         raise ValueError(f"{cfg.out} holds a checkpoint of a run with other settings "
-                         f"({', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in diff)}); "
+                         f"({', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in diff.items())}); "
                          "use another --out or --no-resume")
 
 
