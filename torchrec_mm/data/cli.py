@@ -23,6 +23,18 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def _scenario_shares(s: str) -> "tuple[float, float, float]":
+    """``H,S,A`` -> three positive shares summing to 1 (homefeed, search, ads)."""
+    try:
+        v = tuple(float(x) for x in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three numbers H,S,A, got '{s}'") from None
+    if len(v) != 3 or min(v) <= 0 or abs(sum(v) - 1) > 1e-6:
+        raise argparse.ArgumentTypeError(
+            f"expected three positive shares H,S,A summing to 1, got '{s}'")
+    return v  # type: ignore[return-value]
+
+
 def _fraction(s: str) -> float:
     v = float(s)
     if not 0.0 <= v < 1.0:
@@ -81,6 +93,9 @@ def register(subparsers: Any) -> None:
                    help=f"number of latent topics (2..{MAX_TOPICS})")
     p.add_argument("--days", type=float, default=d.days, help="time span in days")
     p.add_argument("--ctr", type=float, default=d.target_ctr, help="overall click rate")
+    p.add_argument("--scenario-shares", type=_scenario_shares,
+                   default=",".join(str(x) for x in d.scenario_shares),
+                   help="mean share of the homefeed, search and ads impressions (H,S,A)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
     p.set_defaults(func=_synth)
 
@@ -153,7 +168,8 @@ def _synth(args: argparse.Namespace) -> int:
 
     cfg = SynthConfig(num_users=args.users, num_items=args.items,
                       num_interactions=args.interactions, seed=args.seed,
-                      num_topics=args.topics, days=args.days, target_ctr=args.ctr)
+                      num_topics=args.topics, days=args.days, target_ctr=args.ctr,
+                      scenario_shares=args.scenario_shares)
     meta = generate(cfg, args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}: {meta.num_interactions} interactions, {meta.num_users} users, "
           f"{meta.num_items} items, {cfg.num_topics} topics (seed {cfg.seed})")

@@ -279,8 +279,10 @@ class SynthConfig:
                              f"({self.num_topics})")
         if self.num_users < 1 or self.num_interactions < self.num_users:
             raise ValueError("need num_users >= 1 and num_interactions >= num_users")
-        if len(self.scenario_shares) != 3 or abs(sum(self.scenario_shares) - 1) > 1e-6:
-            raise ValueError("scenario_shares must be 3 numbers summing to 1")
+        if (len(self.scenario_shares) != 3 or min(self.scenario_shares) <= 0
+                or abs(sum(self.scenario_shares) - 1) > 1e-6):
+            raise ValueError("scenario_shares must be 3 positive numbers summing to 1, "
+                             f"got {self.scenario_shares}")
         if not 0 < self.target_ctr < 1:
             raise ValueError("target_ctr must be in (0, 1)")
 

@@ -25,6 +25,19 @@ def test_synth_split_stats_validate(tmp_path, capsys):
                "--interactions", "3000", "--seed", "3", "--topics", "6") == 0
     meta = load_meta(out)
     assert meta.num_interactions == 3000 and meta.source["config"]["num_topics"] == 6
+    # --scenario-shares reaches the generator: homefeed dominates when asked to
+    skew = str(tmp_path / "skew")
+    assert run("data", "synth", "--out", skew, "--users", "50", "--items", "80",
+               "--interactions", "3000", "--scenario-shares", "0.96,0.02,0.02") == 0
+    assert load_meta(skew).source["config"]["scenario_shares"] == [0.96, 0.02, 0.02]
+    def homefeed_share(path):
+        scen = pq.read_table(os.path.join(path, "interactions")).column("scenario")
+        return (scen.to_numpy(zero_copy_only=False) == "homefeed").mean()
+
+    assert homefeed_share(skew) > 0.9 > homefeed_share(out)
+    for bad in ("0.5,0.5", "0.9,0.2,0.1", "1,0,0", "a,b,c"):
+        with pytest.raises(SystemExit):
+            run("data", "synth", "--out", str(tmp_path / "bad"), "--scenario-shares", bad)
     with pytest.raises(FileExistsError):
         run("data", "synth", "--out", out, "--users", "50", "--items", "80",
             "--interactions", "3000")
