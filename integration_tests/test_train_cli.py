@@ -98,6 +98,35 @@ def test_two_rank_run_resumes_from_a_sharded_checkpoint(data_dir, two_ranks, tmp
     assert later and all(abs(lf[k] - lr[k]) < 1e-5 for k in later)
 
 
+def test_evaluate_attention_probe(data_dir, one_rank, tmp_path, capsys):
+    """`evaluate` of a target-attention run reports its learned weights' entropy and,
+    with --attention uniform, scores the run with mean pooling instead (another file:
+    the run's own metrics stay); a DLRM run has no attention to replace."""
+    out = str(tmp_path / "ta")
+    r = _train(data_dir, out, "--ranker", "target_attention", "--world-size", "1",
+               "--batch-size", "256")
+    assert main(["evaluate", "--run", out]) == 0
+    assert "normalised entropy" in capsys.readouterr().out
+    with open(os.path.join(out, "eval_metrics.json")) as f:
+        learned = json.load(f)
+    assert learned["slices"]["cold"]["auc"] == pytest.approx(r["eval"]["cold"]["auc"],
+                                                             abs=1e-6)
+    att = learned["attention"]
+    assert att["weights"] == "learned" and att["samples"] > 1000
+    assert 0 < att["effective_fraction"] <= 1 and 0 < att["normalized_entropy"] <= 1
+    assert main(["evaluate", "--run", out, "--attention", "uniform"]) == 0
+    with open(os.path.join(out, "eval_metrics_uniform_attention.json")) as f:
+        uniform = json.load(f)
+    with open(os.path.join(out, "eval_metrics.json")) as f:
+        assert json.load(f) == learned
+    # the same learned weights are measured; the scores use the mean instead
+    assert uniform["attention"]["normalized_entropy"] == pytest.approx(
+        att["normalized_entropy"], abs=1e-9)
+    assert uniform["slices"]["test"]["auc"] != learned["slices"]["test"]["auc"]
+    assert main(["evaluate", "--run", one_rank[0], "--attention", "uniform"]) == 2
+    assert "needs a ranker with target attention" in capsys.readouterr().err
+
+
 def test_evaluate_reproduces_training_metrics(one_rank):
     out, r1 = one_rank
     assert main(["evaluate", "--run", out]) == 0

@@ -8,7 +8,8 @@ plugin can wrap either one (e.g. put content proxies in the item-ID slots) witho
 changing this code.
 """
 
-from typing import Dict, List, Optional, Tuple
+import contextlib
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -60,6 +61,92 @@ def _segment_softmax(scores: torch.Tensor, seg: torch.Tensor, num_segments: int
     return e / total[seg]
 
 
+#: ``torchrec-mm evaluate --attention``: score with the learned weights or mean pooling
+ATTENTION_WEIGHTS = ("learned", "uniform")
+
+
+class AttentionProbe:
+    """Watches (and optionally replaces) the weights of :class:`TargetAttention`.
+
+    Installed with :func:`probe_attention`. For every sample with at least two history
+    items it accumulates the normalised entropy of its weights, ``H(a) / log L`` (1 =
+    uniform over the ``L`` attended items, 0 = all weight on one), and the effective
+    fraction ``exp(H(a)) / L`` of the history the weights spread over. With
+    ``uniform=True`` the learned weights are replaced by ``1 / L`` — the attention
+    becomes mean pooling — which measures what the learned weights contribute: score a
+    model with and without it (``torchrec-mm evaluate --attention uniform``).
+    Statistics are of the learned weights in both cases.
+    """
+
+    def __init__(self, uniform: bool = False) -> None:
+        self.uniform = uniform
+        self.samples = 0
+        self._entropy = 0.0
+        self._effective = 0.0
+
+    def _record(self, entropy: torch.Tensor, length: torch.Tensor) -> None:
+        keep = length >= 2
+        if bool(keep.any()):
+            h, n = entropy[keep].double(), length[keep].double()
+            self.samples += int(keep.sum())
+            self._entropy += float((h / n.log()).sum())
+            self._effective += float((h.exp() / n).sum())
+
+    def jagged(self, weights: torch.Tensor, seg: torch.Tensor, num_segments: int
+               ) -> torch.Tensor:
+        """weights [N] of segments ``seg`` [N] -> the weights to use [N]."""
+        with torch.no_grad():
+            w = weights.detach()
+            length = torch.zeros(num_segments, dtype=w.dtype, device=w.device).index_add(
+                0, seg, torch.ones_like(w))
+            plogp = torch.where(w > 0, w * w.clamp_min(1e-30).log(), torch.zeros_like(w))
+            entropy = -torch.zeros(num_segments, dtype=w.dtype, device=w.device).index_add(
+                0, seg, plogp)
+            self._record(entropy, length)
+        if self.uniform:
+            return (1.0 / length).index_select(0, seg)
+        return weights
+
+    def padded(self, weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """weights [B, T] (zero where ``mask`` is False) -> the weights to use."""
+        with torch.no_grad():
+            w = weights.detach()
+            length = mask.sum(1).to(w.dtype)
+            plogp = torch.where(w > 0, w * w.clamp_min(1e-30).log(), torch.zeros_like(w))
+            self._record(-plogp.sum(1), length)
+        if self.uniform:
+            return mask.to(weights.dtype) / length.clamp_min(1).unsqueeze(1)
+        return weights
+
+    def summary(self) -> Dict[str, float]:
+        """``{"samples", "normalized_entropy", "effective_fraction"}`` (means over the
+        samples seen; NaN before any)."""
+        n = self.samples
+        nan = float("nan")
+        return {"samples": float(n),
+                "normalized_entropy": self._entropy / n if n else nan,
+                "effective_fraction": self._effective / n if n else nan}
+
+
+@contextlib.contextmanager
+def probe_attention(model: nn.Module, uniform: bool = False) -> Iterator[AttentionProbe]:
+    """Installs one :class:`AttentionProbe` on every :class:`TargetAttention` of
+    ``model`` (a plain or DMP-wrapped ranker) for the ``with`` block; raises
+    ``ValueError`` when the model has none."""
+    modules = [m for m in model.modules() if isinstance(m, TargetAttention)]
+    if not modules:
+        raise ValueError("the model has no TargetAttention to probe (a target_attention "
+                         "ranker has one; DLRM pools its history without attention)")
+    probe = AttentionProbe(uniform)
+    for m in modules:
+        m.probe = probe
+    try:
+        yield probe
+    finally:
+        for m in modules:
+            m.probe = None
+
+
 class TargetAttention(nn.Module):
     """DIN activation unit: attention of a target over a sequence.
 
@@ -85,6 +172,8 @@ class TargetAttention(nn.Module):
         super().__init__()
         hidden = hidden or [64, 32]
         self.embedding_dim = embedding_dim
+        #: set by :func:`probe_attention` only (eval-time diagnostics)
+        self.probe: Optional[AttentionProbe] = None
         self.mlp = nn.Sequential(
             MLP(4 * embedding_dim, hidden, bias=True, activation="relu", device=device),
             nn.Linear(hidden[-1], 1, device=device),
@@ -124,6 +213,8 @@ class TargetAttention(nn.Module):
         scores = scores.masked_fill(~mask, float("-inf"))
         weights = torch.softmax(scores, dim=1)
         weights = torch.nan_to_num(weights, nan=0.0)  # rows with no history
+        if self.probe is not None:
+            weights = self.probe.padded(weights, mask)
         return torch.bmm(weights.unsqueeze(1), seq).squeeze(1)
 
     def forward_jagged(self, target: torch.Tensor, values: torch.Tensor,
@@ -141,6 +232,8 @@ class TargetAttention(nn.Module):
         t = target.index_select(0, seg)
         scores = self._scores(h, h * t, self._target_term(target).index_select(0, seg))
         weights = _segment_softmax(scores, seg, target.shape[0])
+        if self.probe is not None:
+            weights = self.probe.jagged(weights, seg, target.shape[0])
         return torch.zeros_like(target).index_add(0, seg, weights.unsqueeze(1) * h)
 
 

@@ -7,6 +7,7 @@ import os
 from typing import Any, Dict
 
 from torchrec_mm.models.rankers import RANKER_KINDS
+from torchrec_mm.models.target_attention import ATTENTION_WEIGHTS
 from torchrec_mm.training.sharding import SHARDING_TYPES
 
 
@@ -91,10 +92,16 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from torchrec_mm.training.evaluate import evaluate_run
 
     metrics = evaluate_run(args.run, data=args.data, batch_size=args.batch_size,
-                           out=args.out)
+                           out=args.out, attention=args.attention)
     print(json.dumps({k: {m: round(v, 4) for m, v in d.items()
                           if m in ("auc", "gauc", "uauc", "count")}
                       for k, d in metrics["slices"].items()}, indent=2))
+    if "attention" in metrics:
+        a = metrics["attention"]
+        print(f"target attention ({a['weights']} weights in the scores): learned weights' "
+              f"normalised entropy {a['normalized_entropy']:.3f} (1 = uniform), effective "
+              f"fraction of the history {a['effective_fraction']:.3f}, "
+              f"{int(a['samples'])} samples")
     return 0
 
 
@@ -115,4 +122,9 @@ def register(subparsers: Any) -> None:
     e.add_argument("--data", help="dataset (default: the one the run was trained on)")
     e.add_argument("--batch-size", type=int, default=4096)
     e.add_argument("--out", help="where to write eval_metrics.json (default: RUN)")
+    e.add_argument("--attention", choices=ATTENTION_WEIGHTS, default="learned",
+                   help="target-attention ranker: score with the learned attention weights "
+                   "or with mean pooling over the history instead ('uniform': what the "
+                   "learned weights contribute; written to "
+                   "eval_metrics_uniform_attention.json)")
     e.set_defaults(func=_run_evaluate)

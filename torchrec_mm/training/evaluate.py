@@ -153,16 +153,30 @@ def evaluate_model(model: nn.Module, samples: RankingSamples, batch_size: int,
 
 
 def evaluate_run(run: str, data: Optional[str] = None, batch_size: int = 4096,
-                 out: Optional[str] = None) -> Dict[str, Any]:
+                 out: Optional[str] = None, attention: str = "learned") -> Dict[str, Any]:
     """Loads the latest checkpoint of a ``train`` run and evaluates it (one process).
 
-    Writes ``eval_metrics.json`` to ``out`` (default: the run directory).
+    For a ranker with target attention the metrics also hold ``attention``: the mean
+    normalised entropy and effective fraction of its learned weights over the test
+    samples (:class:`~torchrec_mm.models.target_attention.AttentionProbe`); with
+    ``attention="uniform"`` the model is scored with those weights replaced by mean
+    pooling, which shows what the learned weights contribute.
+
+    Writes ``eval_metrics.json`` to ``out`` (default: the run directory; with uniform
+    weights ``eval_metrics_uniform_attention.json``, so the run's own metrics stay).
     """
+    from torchrec_mm.models.target_attention import (
+        ATTENTION_WEIGHTS,
+        TargetAttention,
+        probe_attention,
+    )
     from torchrec_mm.training import checkpoint as ckpt
     from torchrec_mm.training.distributed import init_distributed
     from torchrec_mm.training.trainer import build_model, load_run_config, shard_model
     from torchrec_mm.utils.io import write_json
 
+    if attention not in ATTENTION_WEIGHTS:
+        raise ValueError(f"attention must be one of {ATTENTION_WEIGHTS}, got '{attention}'")
     cfg = load_run_config(run, data)
     latest = ckpt.latest_checkpoint(os.path.join(run, "checkpoints"))
     if latest is None:
@@ -176,9 +190,19 @@ def evaluate_run(run: str, data: Optional[str] = None, batch_size: int = 4096,
         step, skeleton, tensors = ckpt.read_checkpoint(latest)
         model.load_state_dict(ckpt.restore(model.state_dict(), ckpt.child(skeleton, "model"),
                                            tensors, "/model", values_from_checkpoint=False))
-        metrics = {"run": run, "checkpoint": latest, "step": step,
-                   "slices": evaluate_model(model, samples, batch_size, ctx)}
-        write_json(os.path.join(out or run, "eval_metrics.json"), metrics)
+        metrics: Dict[str, Any] = {"run": run, "checkpoint": latest, "step": step}
+        if any(isinstance(m, TargetAttention) for m in model.modules()):
+            with probe_attention(model, uniform=attention == "uniform") as probe:
+                metrics["slices"] = evaluate_model(model, samples, batch_size, ctx)
+            metrics["attention"] = {"weights": attention, **probe.summary()}
+        elif attention == "uniform":
+            raise ValueError(f"{run}: attention 'uniform' needs a ranker with target "
+                             f"attention; this run's ranker is '{cfg.ranker.kind}'")
+        else:
+            metrics["slices"] = evaluate_model(model, samples, batch_size, ctx)
+        name = "eval_metrics.json" if attention == "learned" else \
+            "eval_metrics_uniform_attention.json"
+        write_json(os.path.join(out or run, name), metrics)
         return metrics
     finally:
         if owns_pg and dist.is_initialized():
