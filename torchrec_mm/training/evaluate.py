@@ -178,6 +178,9 @@ def evaluate_run(run: str, data: Optional[str] = None, batch_size: int = 4096,
     if attention not in ATTENTION_WEIGHTS:
         raise ValueError(f"attention must be one of {ATTENTION_WEIGHTS}, got '{attention}'")
     cfg = load_run_config(run, data)
+    if attention == "uniform" and cfg.ranker.kind != "target_attention":
+        raise ValueError(f"{run}: attention 'uniform' needs a ranker with target attention; "
+                         f"this run's ranker is '{cfg.ranker.kind}'")
     latest = ckpt.latest_checkpoint(os.path.join(run, "checkpoints"))
     if latest is None:
         raise FileNotFoundError(f"{run}/checkpoints has no checkpoint to evaluate")
@@ -195,9 +198,6 @@ def evaluate_run(run: str, data: Optional[str] = None, batch_size: int = 4096,
             with probe_attention(model, uniform=attention == "uniform") as probe:
                 metrics["slices"] = evaluate_model(model, samples, batch_size, ctx)
             metrics["attention"] = {"weights": attention, **probe.summary()}
-        elif attention == "uniform":
-            raise ValueError(f"{run}: attention 'uniform' needs a ranker with target "
-                             f"attention; this run's ranker is '{cfg.ranker.kind}'")
         else:
             metrics["slices"] = evaluate_model(model, samples, batch_size, ctx)
         name = "eval_metrics.json" if attention == "learned" else \
