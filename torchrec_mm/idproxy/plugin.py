@@ -6,13 +6,14 @@ the target-attention ranker's ``EmbeddingCollection`` by
 DLRM_DCN's ``EmbeddingBagCollection`` by
 :class:`~torchrec_mm.idproxy.modules.IDProxyEmbeddingBagCollection`. The inner
 collection stays a child, so DMP shards it as usual; the fine-proxy adaptor is dense
-(DDP-replicated) and the proxies are frozen, replicated buffers.
+(DDP-replicated) and the proxies' frozen inputs are one more embedding table
+(``t_idproxy_inputs``) that the planner shards like the ID tables.
 
 Spec (``plugins/idproxy.yaml``)::
 
     plugins:
       - name: idproxy
-        options: {proxies: out/demo/idproxy, mode: augment}
+        options: {proxies: out/idproxy, mode: augment}
 
 Cold items (``cold_only``): an item is cold when it has fewer than ``cold_threshold``
 training impressions (interactions of the ``train`` split; items of the cold split
