@@ -58,6 +58,13 @@ def _names(text: str) -> list:
     return names
 
 
+def _scenario_names(text: str) -> list:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("--eval-scenarios: expected names like ads")
+    return names
+
+
 _TARGET_ACTIONS_HELP = ("comma-separated actions that make an event a positive (e.g. "
                         "is_click for an impression log): only those events are training "
                         "and evaluation targets; default every event")
@@ -80,6 +87,9 @@ def _add_eval_flags(p: argparse.ArgumentParser, protocol_only: bool = False) -> 
                    help="targets per user (default 3)")
     p.add_argument("--ks", dest="eval_ks", type=_ks, help=_KS_HELP)
     p.add_argument("--eval-seed", type=int)
+    p.add_argument("--eval-scenarios", type=_scenario_names,
+                   help="targets only from these scenarios, comma-separated (e.g. ads: the "
+                   "paper's '(for Advertisements)' tables); histories keep every scenario")
     if not protocol_only:
         p.add_argument("--eval-batch-size", type=int, help="users per tower call")
 
@@ -143,7 +153,8 @@ _NOT_OPTIONS = {"command", "redrec_command", "func", "config", "no_resume", "no_
 _SASREC_FLAGS = ("dim", "num_layers", "num_heads", "max_len", "dropout", "lr",
                  "weight_decay", "epochs", "batch_size", "negatives", "tau_init", "seed")
 _PROTOCOL_FLAGS = ("eval_split", "eval_num_targets", "eval_pool_size", "eval_ks",
-                   "eval_max_users", "eval_seed", "min_history", "target_actions")
+                   "eval_max_users", "eval_seed", "min_history", "target_actions",
+                   "eval_scenarios")
 
 
 def _options(args: argparse.Namespace) -> Dict[str, Any]:

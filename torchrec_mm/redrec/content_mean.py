@@ -62,7 +62,8 @@ def evaluate_content_mean(data: str, content_store: str,
                           target_actions: Optional[Sequence[str]] = None,
                           mix_cfg: Optional[MixConfig] = None,
                           field: str = "emb_token", batch_size: int = 1024,
-                          progress: bool = False) -> Dict[str, Any]:
+                          progress: bool = False,
+                          scenarios: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Protocol metrics of the mean-of-history content ranking (module doc).
 
     Args:
@@ -75,6 +76,7 @@ def evaluate_content_mean(data: str, content_store: str,
             :func:`~torchrec_mm.redrec.popularity.evaluate_popularity`).
         mix_cfg: which events of the history are read (default 2-D mixing, last 128).
         batch_size: cases mixed at a time.
+        scenarios: targets only from these scenarios (``RedRecConfig.eval_scenarios``).
 
     Returns:
         ``{"HR@K", "NDCG@K", "MRR@K", "MRR", "num_users", "num_candidates",
@@ -89,7 +91,7 @@ def evaluate_content_mean(data: str, content_store: str,
     num_items = load_meta(data).num_items
     vectors = centred_unit(content_vectors(content_store, field, num_items, data))
     log = EventLog.from_dataset(data)
-    rows = eval_target_rows(log, data, split, target_actions)
+    rows = eval_target_rows(log, data, split, target_actions, scenarios=scenarios)
     cases = make_eval_cases(log.user_offsets, log.item, log.timestamp, num_items, cfg,
                             target_rows=rows)
     if len(cases) == 0:

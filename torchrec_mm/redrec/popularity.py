@@ -45,7 +45,8 @@ def popularity_counts(log: EventLog, num_items: int,
 def evaluate_popularity(data: str, protocol_cfg: Optional[ProtocolConfig] = None,
                         split: str = "test",
                         target_actions: Optional[Sequence[str]] = None,
-                        progress: bool = False) -> Dict[str, Any]:
+                        progress: bool = False,
+                        scenarios: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Protocol metrics of the most-popular ranking on a dataset (module doc).
 
     Args:
@@ -55,6 +56,8 @@ def evaluate_popularity(data: str, protocol_cfg: Optional[ProtocolConfig] = None
         split: which events may be targets (``"test"``, ``"test_warm"``,
             ``"test_cold"``).
         target_actions: positives: counted in training, eligible as targets.
+        scenarios: targets only from these scenarios (``RedRecConfig.eval_scenarios``;
+            the counts stay those of every scenario).
         progress: tqdm bar over case chunks.
 
     Returns:
@@ -72,7 +75,7 @@ def evaluate_popularity(data: str, protocol_cfg: Optional[ProtocolConfig] = None
     part = load_split(data).assign(log.item, log.timestamp, log.user)
     train = part == TRAIN
     counts = torch.from_numpy(popularity_counts(log, num_items, target_actions, train))
-    rows = eval_target_rows(log, data, split, target_actions, part)
+    rows = eval_target_rows(log, data, split, target_actions, part, scenarios)
     cases = make_eval_cases(log.user_offsets, log.item, log.timestamp, num_items, cfg,
                             target_rows=rows)
     if len(cases) == 0:

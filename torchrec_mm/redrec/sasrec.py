@@ -514,7 +514,8 @@ def evaluate_sasrec(model: SASRec, data_dir: Union[str, EventLog],
                     target_rows: Optional[np.ndarray] = None,
                     progress: bool = True,
                     return_per_user: bool = False,
-                    target_actions: Optional[List[str]] = None) -> Dict[str, Any]:
+                    target_actions: Optional[List[str]] = None,
+                    scenarios: Optional[List[str]] = None) -> Dict[str, Any]:
     """RED-Rec protocol metrics of a SASRec model (same cases as RED-Rec).
 
     Args:
@@ -529,7 +530,8 @@ def evaluate_sasrec(model: SASRec, data_dir: Union[str, EventLog],
             only choice for an :class:`EventLog`; default every event).
         progress, return_per_user: as in :func:`evaluate_multi_interest`.
         target_actions: further restrict the targets to events with one of these actions
-            (as ``RedRecConfig.target_actions``).
+            (as ``RedRecConfig.target_actions``); scenarios: to events of these
+            scenarios (as ``RedRecConfig.eval_scenarios``).
 
     Returns:
         ``{"HR@K", "NDCG@K", "MRR@K" for K in ks, "MRR", "num_users", "num_candidates",
@@ -555,6 +557,9 @@ def evaluate_sasrec(model: SASRec, data_dir: Union[str, EventLog],
     if target_actions is not None:
         engaged = log.action_mask(target_actions, "evaluate_sasrec (target_actions)")
         target_rows = engaged if target_rows is None else np.asarray(target_rows) & engaged
+    if scenarios is not None:
+        inside = log.scenario_mask(scenarios, "evaluate_sasrec (eval_scenarios)")
+        target_rows = inside if target_rows is None else np.asarray(target_rows) & inside
     cases = make_eval_cases(log.user_offsets, log.item, log.timestamp,
                             model.config.num_items, cfg, target_rows)
     vecs = sasrec_case_vectors(model, log, cases)

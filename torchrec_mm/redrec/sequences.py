@@ -161,15 +161,16 @@ def action_bits(action_names: Sequence[str], names: Sequence[str],
     return bits
 
 
-def action_names_option(value: Any, name: str) -> Optional[Tuple[str, ...]]:
-    """A config's action-name list (``None``, a name or a sequence of names) as a
-    tuple; raises ``ValueError`` naming the option ``name`` for an empty or non-string
-    entry."""
+def action_names_option(value: Any, name: str, what: str = "action"
+                        ) -> Optional[Tuple[str, ...]]:
+    """A config's action- (or scenario-, ``what``) name list (``None``, a name or a
+    sequence of names) as a tuple; raises ``ValueError`` naming the option ``name`` for
+    an empty or non-string entry."""
     if value is None:
         return None
     names = (value,) if isinstance(value, str) else tuple(value)
     if not names or not all(isinstance(a, str) and a for a in names):
-        raise ValueError(f"{name}: a non-empty list of action names expected, got {value!r}")
+        raise ValueError(f"{name}: a non-empty list of {what} names expected, got {value!r}")
     return names
 
 
@@ -255,6 +256,20 @@ class EventLog:
             ValueError: an unknown action name (naming ``source`` and the known ones).
         """
         return (self.actions & action_bits(self.action_names, names, source)) != 0
+
+    def scenario_mask(self, names: Sequence[str], source: str = "the event log"
+                      ) -> np.ndarray:
+        """[E] bool: events of one of the scenarios ``names`` (e.g. ``["ads"]``).
+
+        Raises:
+            ValueError: an unknown scenario name (naming ``source`` and the known ones).
+        """
+        unknown = sorted(set(names) - set(self.scenario_names))
+        if unknown:
+            raise ValueError(f"{source}: unknown scenario(s) {unknown}; the log has "
+                             f"{self.scenario_names}")
+        ids = [self.scenario_names.index(n) for n in names]
+        return np.isin(self.scenario, np.array(ids, dtype=self.scenario.dtype))
 
     @property
     def num_events(self) -> int:

@@ -28,10 +28,12 @@ def data(tmp_path_factory):
     return path
 
 
-def _reference_hr(data, cfg, counts, target_actions=None):
+def _reference_hr(data, cfg, counts, target_actions=None, scenarios=None):
     """HR@K by hand: a target's rank = the non-target candidates scored >= it."""
     log = EventLog.from_dataset(data)
     rows = eval_target_rows(log, data, "test", target_actions)
+    if scenarios is not None:
+        rows &= np.isin(np.array(log.scenario_names)[log.scenario], scenarios)
     cases = make_eval_cases(log.user_offsets, log.item, log.timestamp, NUM_ITEMS, cfg,
                             target_rows=rows)
     pool = set(cases.pool.tolist())
@@ -48,13 +50,14 @@ def _reference_hr(data, cfg, counts, target_actions=None):
             {k: float(np.mean(v)) for k, v in chance.items()})
 
 
-@pytest.mark.parametrize("target_actions", [None, ["is_click"]])
-def test_metrics_match_a_per_case_reference(data, target_actions):
+@pytest.mark.parametrize("target_actions,scenarios", [(None, None), (["is_click"], None),
+                                                    (None, ["search", "ads"])])
+def test_metrics_match_a_per_case_reference(data, target_actions, scenarios):
     cfg = ProtocolConfig(pool_size=200, ks=(5, 20, 100), max_users=80, seed=1)
-    got = evaluate_popularity(data, cfg, "test", target_actions)
+    got = evaluate_popularity(data, cfg, "test", target_actions, scenarios=scenarios)
     train = EventLog.from_dataset(data, split_filter="train")
     counts = popularity_counts(train, NUM_ITEMS, target_actions)
-    want, n, chance = _reference_hr(data, cfg, counts, target_actions)
+    want, n, chance = _reference_hr(data, cfg, counts, target_actions, scenarios)
     assert got["num_users"] == n > 20
     for k, v in want.items():
         assert got[f"HR@{k}"] == pytest.approx(v)

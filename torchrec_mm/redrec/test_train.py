@@ -170,6 +170,38 @@ def test_target_actions_in_training_and_evaluation(env):
         _cfg(env, "bad", target_actions=[])
 
 
+def test_eval_scenarios_restrict_evaluation_targets(env):
+    """eval_scenarios=['search']: evaluation cutoffs and targets are search events (the
+    histories keep every scenario); evaluate_redrec scores exactly those cases; unknown
+    or empty scenario lists are refused by name."""
+    full = EventLog.from_dataset(env["data"])
+    search = full.scenario_names.index("search")
+    every = eval_target_rows(full, env["data"], "test")
+    rows = eval_target_rows(full, env["data"], "test", scenarios=["search"])
+    assert rows.any() and rows.sum() < every.sum()
+    np.testing.assert_array_equal(rows, every & (full.scenario == search))
+    both = eval_target_rows(full, env["data"], "test", ["is_click"], scenarios=["search"])
+    np.testing.assert_array_equal(
+        both, eval_target_rows(full, env["data"], "test", ["is_click"]) & rows)
+    cfg = _cfg(env, "search", eval_scenarios="search", min_history=2)
+    assert cfg.eval_scenarios == ("search",)
+    cases = make_eval_cases(full.user_offsets, full.item, full.timestamp, NUM_ITEMS,
+                            cfg.protocol(), target_rows=rows)
+    assert len(cases) and (full.scenario[cases.cutoff_index.numpy()] == search).all()
+    # every target is the item of a search event of the same user from the cutoff on
+    for u, c, tg in zip(cases.users.numpy(), cases.cutoff_index.numpy(),
+                        cases.targets.numpy()):
+        hi = full.user_offsets[u + 1]
+        later = {int(full.item[i]) for i in range(c, hi) if full.scenario[i] == search}
+        assert {int(t) for t in tg if t >= 0} <= later
+    assert _untrained_metrics(cfg)["num_users"] == len(cases)
+    with pytest.raises(ValueError, match=r"\(eval_scenarios\): unknown scenario\(s\) "
+                                         r"\['feed'\]"):
+        eval_target_rows(full, env["data"], "test", scenarios=["feed"])
+    with pytest.raises(ValueError, match="eval_scenarios: a non-empty list of scenario"):
+        _cfg(env, "bad", eval_scenarios=[])
+
+
 @pytest.mark.parametrize("loss_kind", ["multi_interest", "single_interest"])
 def test_loss_matches_direct_computation(env, loss_kind):
     """The model's loss (candidates packed into one jagged feature) equals the losses

@@ -191,6 +191,10 @@ class RedRecConfig:
             for an impression log): only such events are window targets in training
             and targets in evaluation; every event stays in the history with its action
             flags. ``None``: every event (a log of engagements only, e.g. ratings).
+        eval_scenarios: evaluation targets only from these scenarios (e.g. ``["ads"]``:
+            the paper's cross-scenario tables score one target scenario, "(for
+            Advertisements)", with histories from all); training is unchanged.
+            ``None``: targets from every scenario.
         cutoffs_per_user: random training cutoffs per user and epoch.
         loss: ``"multi_interest"`` | ``"single_interest"``; single_pool: ``"mean"`` |
             ``"first"``; nce_weight: weight of the next-item NCE (eq. 6) added to it.
@@ -227,6 +231,7 @@ class RedRecConfig:
     window: int = 10
     min_history: int = 1
     target_actions: Optional[Tuple[str, ...]] = None
+    eval_scenarios: Optional[Tuple[str, ...]] = None
     cutoffs_per_user: int = 1
     loss: str = "multi_interest"
     single_pool: str = "mean"
@@ -299,6 +304,8 @@ class RedRecConfig:
                              f"({self.window}): the input is H[:-W]")
         self.target_actions = action_names_option(self.target_actions,
                                                    "RedRecConfig.target_actions")
+        self.eval_scenarios = action_names_option(self.eval_scenarios,
+                                                   "RedRecConfig.eval_scenarios", "scenario")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"RedRecConfig.max_steps: must be >= 1, got {self.max_steps}")
         if self.num_negatives == 0 and not self.in_batch:
@@ -709,16 +716,20 @@ def _faiss_scores(user_vecs: torch.Tensor, item_vecs: torch.Tensor, cases: EvalC
 
 def eval_target_rows(log: EventLog, data: str, split: str,
                      target_actions: Optional[Sequence[str]] = None,
-                     part: Optional[np.ndarray] = None) -> np.ndarray:
+                     part: Optional[np.ndarray] = None,
+                     scenarios: Optional[Sequence[str]] = None) -> np.ndarray:
     """[E] bool over ``log``'s events (the whole dataset ``data``): the events that may
     be evaluation targets — those of ``split`` (a key of :data:`EVAL_SPLITS`) with one
-    of ``target_actions`` when given. ``part``: the events' split codes
+    of ``target_actions`` when given, in one of ``scenarios`` when given
+    (``eval_scenarios``). ``part``: the events' split codes
     (``load_split(data).assign(...)``) when the caller has them already."""
     if part is None:
         part = load_split(data).assign(log.item, log.timestamp, log.user)
     rows = np.isin(part, np.array(EVAL_SPLITS[split], dtype=part.dtype))
     if target_actions is not None:
         rows &= log.action_mask(target_actions, f"{data} (target_actions)")
+    if scenarios is not None:
+        rows &= log.scenario_mask(scenarios, f"{data} (eval_scenarios)")
     return rows
 
 
@@ -728,7 +739,8 @@ def evaluate_redrec(model: nn.Module, cfg: RedRecConfig, ctx: DistContext,
     computed on every rank from the gathered vectors)."""
     if log is None:
         log = EventLog.from_dataset(cfg.data)
-    target_rows = eval_target_rows(log, cfg.data, cfg.eval_split, cfg.target_actions)
+    target_rows = eval_target_rows(log, cfg.data, cfg.eval_split, cfg.target_actions,
+                                   scenarios=cfg.eval_scenarios)
     pcfg = cfg.protocol()
     num_items = _inner(model).tower.config.num_items
     cases = make_eval_cases(log.user_offsets, log.item, log.timestamp, num_items, pcfg,
