@@ -61,7 +61,7 @@ def _names(text: str) -> list:
 def _scenario_names(text: str) -> list:
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
-        raise argparse.ArgumentTypeError("--eval-scenarios: expected names like ads")
+        raise argparse.ArgumentTypeError("--target-scenarios: expected names like ads")
     return names
 
 
@@ -87,9 +87,10 @@ def _add_eval_flags(p: argparse.ArgumentParser, protocol_only: bool = False) -> 
                    help="targets per user (default 3)")
     p.add_argument("--ks", dest="eval_ks", type=_ks, help=_KS_HELP)
     p.add_argument("--eval-seed", type=int)
-    p.add_argument("--eval-scenarios", type=_scenario_names,
-                   help="targets only from these scenarios, comma-separated (e.g. ads: the "
-                   "paper's '(for Advertisements)' tables); histories keep every scenario")
+    p.add_argument("--target-scenarios", type=_scenario_names,
+                   help="positives only from these scenarios, comma-separated (e.g. ads: "
+                   "the paper's '(for Advertisements)' tables): window targets in training, "
+                   "targets in evaluation; histories keep every scenario")
     if not protocol_only:
         p.add_argument("--eval-batch-size", type=int, help="users per tower call")
 
@@ -154,7 +155,7 @@ _SASREC_FLAGS = ("dim", "num_layers", "num_heads", "max_len", "dropout", "lr",
                  "weight_decay", "epochs", "batch_size", "negatives", "tau_init", "seed")
 _PROTOCOL_FLAGS = ("eval_split", "eval_num_targets", "eval_pool_size", "eval_ks",
                    "eval_max_users", "eval_seed", "min_history", "target_actions",
-                   "eval_scenarios")
+                   "target_scenarios")
 
 
 def _options(args: argparse.Namespace) -> Dict[str, Any]:

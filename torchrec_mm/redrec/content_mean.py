@@ -76,7 +76,7 @@ def evaluate_content_mean(data: str, content_store: str,
             :func:`~torchrec_mm.redrec.popularity.evaluate_popularity`).
         mix_cfg: which events of the history are read (default 2-D mixing, last 128).
         batch_size: cases mixed at a time.
-        scenarios: targets only from these scenarios (``RedRecConfig.eval_scenarios``).
+        scenarios: targets only from these scenarios (``RedRecConfig.target_scenarios``).
 
     Returns:
         ``{"HR@K", "NDCG@K", "MRR@K", "MRR", "num_users", "num_candidates",

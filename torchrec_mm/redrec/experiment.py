@@ -106,7 +106,7 @@ CONTENT_MEAN_OPTIONS = ("content_store", "content_field", "policy", "last_n", "q
 #: RedRecConfig fields that define the evaluation cases: shared by every variant
 PROTOCOL_FIELDS: Tuple[str, ...] = ("eval_split", "eval_num_targets", "eval_pool_size",
                                     "eval_ks", "eval_max_users", "eval_seed", "min_history",
-                                    "target_actions", "eval_scenarios")
+                                    "target_actions", "target_scenarios")
 _SET_BY_EXPERIMENT = ("data", "out", "seed")
 _REDREC_FIELDS = tuple(f.name for f in dataclasses.fields(RedRecConfig)
                        if f.name not in _SET_BY_EXPERIMENT)
@@ -234,7 +234,7 @@ def run_sasrec(data: str, out: str, options: Optional[Mapping[str, Any]] = None,
     pcfg, split = protocol_config(red), red.eval_split
     run_cfg = _canonical({"data": data, "model": dataclasses.asdict(model_cfg),
                           "protocol": dataclasses.asdict(pcfg), "eval_split": split,
-                          **_scenarios_entry(red.eval_scenarios)})
+                          **_scenarios_entry(red.target_scenarios)})
     done = os.path.join(out, BASELINE_EVAL_FILE)
     if resume and os.path.exists(done) and os.path.exists(os.path.join(out, METRICS_FILE)):
         with open(done) as f:
@@ -251,7 +251,7 @@ def run_sasrec(data: str, out: str, options: Optional[Mapping[str, Any]] = None,
     model = trained.pop("model")
     metrics = evaluate_sasrec(model, data, pcfg, target_split=split, progress=progress,
                               target_actions=red.target_actions,
-                              scenarios=red.eval_scenarios)
+                              scenarios=red.target_scenarios)
     write_json(done, {"config": run_cfg, "metrics": metrics})
     return {"config": run_cfg, "train": trained, "eval": metrics}
 
@@ -275,15 +275,15 @@ def run_popularity(data: str, out: str, eval_options: Optional[Mapping[str, Any]
     run_cfg = _canonical({"data": data, "model": "popularity",
                           "protocol": dataclasses.asdict(pcfg), "eval_split": red.eval_split,
                           "target_actions": red.target_actions,
-                          **_scenarios_entry(red.eval_scenarios)})
+                          **_scenarios_entry(red.target_scenarios)})
     return _evaluated_once(out, run_cfg, resume, only_finished, lambda: evaluate_popularity(
-        data, pcfg, red.eval_split, red.target_actions, scenarios=red.eval_scenarios))
+        data, pcfg, red.eval_split, red.target_actions, scenarios=red.target_scenarios))
 
 
 def _scenarios_entry(scenarios: Optional[Sequence[str]]) -> Dict[str, Any]:
-    """A baseline run's ``eval_scenarios`` config entry, only when set (so a finished
+    """A baseline run's ``target_scenarios`` config entry, only when set (so a finished
     run of a protocol without it is still recognised)."""
-    return {} if scenarios is None else {"eval_scenarios": list(scenarios)}
+    return {} if scenarios is None else {"target_scenarios": list(scenarios)}
 
 
 def _evaluated_once(out: str, run_cfg: Dict[str, Any], resume: bool, only_finished: bool,
@@ -333,12 +333,12 @@ def run_content_mean(cfg: RedRecConfig, resume: bool = True, only_finished: bool
                           "content_store": cfg.content_store,
                           "content_field": cfg.content_field,
                           "mix": dataclasses.asdict(mix_cfg),
-                          **_scenarios_entry(cfg.eval_scenarios)})
+                          **_scenarios_entry(cfg.target_scenarios)})
     return _evaluated_once(cfg.out, run_cfg, resume, only_finished,
                            lambda: evaluate_content_mean(
                                cfg.data, cfg.content_store, pcfg, cfg.eval_split,
                                cfg.target_actions, mix_cfg, cfg.content_field,
-                               scenarios=cfg.eval_scenarios))
+                               scenarios=cfg.target_scenarios))
 
 
 # --------------------------------------------------------------------------- LM
@@ -705,7 +705,7 @@ def run_retrieval_experiment(spec: Dict[str, Any], spec_path: str, data: str, ou
         raise RuntimeError(f"variants were evaluated on different numbers of cases: {counts}")
 
     protocol = {**dataclasses.asdict(pcfg), "split": split,
-                **_cases_digest(data, pcfg, split, base.target_actions, base.eval_scenarios)}
+                **_cases_digest(data, pcfg, split, base.target_actions, base.target_scenarios)}
     metrics = {"name": spec.get("name", os.path.basename(spec_path)), "task": "retrieval",
                "data": data, "seeds": spec.get("seeds", [0]), "protocol": protocol,
                "variants": results, "prepare": prepared, "timings_s": timings}

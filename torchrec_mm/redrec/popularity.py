@@ -56,7 +56,7 @@ def evaluate_popularity(data: str, protocol_cfg: Optional[ProtocolConfig] = None
         split: which events may be targets (``"test"``, ``"test_warm"``,
             ``"test_cold"``).
         target_actions: positives: counted in training, eligible as targets.
-        scenarios: targets only from these scenarios (``RedRecConfig.eval_scenarios``;
+        scenarios: targets only from these scenarios (``RedRecConfig.target_scenarios``;
             the counts stay those of every scenario).
         progress: tqdm bar over case chunks.
 

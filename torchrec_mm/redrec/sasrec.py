@@ -531,7 +531,7 @@ def evaluate_sasrec(model: SASRec, data_dir: Union[str, EventLog],
         progress, return_per_user: as in :func:`evaluate_multi_interest`.
         target_actions: further restrict the targets to events with one of these actions
             (as ``RedRecConfig.target_actions``); scenarios: to events of these
-            scenarios (as ``RedRecConfig.eval_scenarios``).
+            scenarios (as ``RedRecConfig.target_scenarios``).
 
     Returns:
         ``{"HR@K", "NDCG@K", "MRR@K" for K in ks, "MRR", "num_users", "num_candidates",
@@ -558,7 +558,7 @@ def evaluate_sasrec(model: SASRec, data_dir: Union[str, EventLog],
         engaged = log.action_mask(target_actions, "evaluate_sasrec (target_actions)")
         target_rows = engaged if target_rows is None else np.asarray(target_rows) & engaged
     if scenarios is not None:
-        inside = log.scenario_mask(scenarios, "evaluate_sasrec (eval_scenarios)")
+        inside = log.scenario_mask(scenarios, "evaluate_sasrec (target_scenarios)")
         target_rows = inside if target_rows is None else np.asarray(target_rows) & inside
     cases = make_eval_cases(log.user_offsets, log.item, log.timestamp,
                             model.config.num_items, cfg, target_rows)

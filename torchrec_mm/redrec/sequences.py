@@ -257,9 +257,9 @@ class EventLog:
         """
         return (self.actions & action_bits(self.action_names, names, source)) != 0
 
-    def scenario_mask(self, names: Sequence[str], source: str = "the event log"
-                      ) -> np.ndarray:
-        """[E] bool: events of one of the scenarios ``names`` (e.g. ``["ads"]``).
+    def scenario_ids(self, names: Sequence[str], source: str = "the event log"
+                     ) -> np.ndarray:
+        """int64 indices of the scenarios ``names`` (e.g. ``["ads"]``).
 
         Raises:
             ValueError: an unknown scenario name (naming ``source`` and the known ones).
@@ -268,8 +268,13 @@ class EventLog:
         if unknown:
             raise ValueError(f"{source}: unknown scenario(s) {unknown}; the log has "
                              f"{self.scenario_names}")
-        ids = [self.scenario_names.index(n) for n in names]
-        return np.isin(self.scenario, np.array(ids, dtype=self.scenario.dtype))
+        return np.array([self.scenario_names.index(n) for n in names], dtype=np.int64)
+
+    def scenario_mask(self, names: Sequence[str], source: str = "the event log"
+                      ) -> np.ndarray:
+        """[E] bool: events of one of the scenarios ``names`` (:meth:`scenario_ids`)."""
+        return np.isin(self.scenario, self.scenario_ids(names, source).astype(
+            self.scenario.dtype))
 
     @property
     def num_events(self) -> int:

@@ -170,12 +170,31 @@ def test_target_actions_in_training_and_evaluation(env):
         _cfg(env, "bad", target_actions=[])
 
 
-def test_eval_scenarios_restrict_evaluation_targets(env):
-    """eval_scenarios=['search']: evaluation cutoffs and targets are search events (the
-    histories keep every scenario); evaluate_redrec scores exactly those cases; unknown
-    or empty scenario lists are refused by name."""
+def test_target_scenarios_in_training_and_evaluation(env):
+    """target_scenarios=['search']: a batch's window targets are the window's search
+    events (every window event still leaves the input), evaluation cutoffs and targets
+    are search events (the histories keep every scenario), evaluate_redrec scores exactly
+    those cases; unknown or empty scenario lists are refused by name."""
+    cfg = _cfg(env, "search", target_scenarios="search", min_history=2)
+    assert cfg.target_scenarios == ("search",)
+    log = EventLog.from_dataset(env["data"], split_filter="train")
+    users, t_now = training_samples(log, cfg, epoch=0)
+    neg = sample_negatives(NUM_ITEMS, cfg, None, 0, 0)
+    batch = make_batch(log, users[:16], t_now[:16], cfg, neg)
+    seq = mix(log, users[:16], t_now[:16], cfg.mix_config())
+    search = log.scenario_names.index("search")
+    _, every = split_window(seq, cfg.window, min_input=2)
+    _, wanted = split_window(seq, cfg.window, 2, eligible=seq.scenario == search)
+    assert torch.equal(batch.window_ids, torch.from_numpy(wanted))
+    assert 0 < (wanted >= 0).sum() < (every >= 0).sum()
+    both = _cfg(env, "both", target_scenarios=["search"], target_actions=["is_click"],
+                min_history=2)
+    _, clicked_search = split_window(seq, cfg.window, 2, eligible=(seq.scenario == search) & (
+        (seq.actions & 1) != 0))
+    assert torch.equal(make_batch(log, users[:16], t_now[:16], both, neg).window_ids,
+                       torch.from_numpy(clicked_search))
+
     full = EventLog.from_dataset(env["data"])
-    search = full.scenario_names.index("search")
     every = eval_target_rows(full, env["data"], "test")
     rows = eval_target_rows(full, env["data"], "test", scenarios=["search"])
     assert rows.any() and rows.sum() < every.sum()
@@ -183,8 +202,6 @@ def test_eval_scenarios_restrict_evaluation_targets(env):
     both = eval_target_rows(full, env["data"], "test", ["is_click"], scenarios=["search"])
     np.testing.assert_array_equal(
         both, eval_target_rows(full, env["data"], "test", ["is_click"]) & rows)
-    cfg = _cfg(env, "search", eval_scenarios="search", min_history=2)
-    assert cfg.eval_scenarios == ("search",)
     cases = make_eval_cases(full.user_offsets, full.item, full.timestamp, NUM_ITEMS,
                             cfg.protocol(), target_rows=rows)
     assert len(cases) and (full.scenario[cases.cutoff_index.numpy()] == search).all()
@@ -195,11 +212,11 @@ def test_eval_scenarios_restrict_evaluation_targets(env):
         later = {int(full.item[i]) for i in range(c, hi) if full.scenario[i] == search}
         assert {int(t) for t in tg if t >= 0} <= later
     assert _untrained_metrics(cfg)["num_users"] == len(cases)
-    with pytest.raises(ValueError, match=r"\(eval_scenarios\): unknown scenario\(s\) "
+    with pytest.raises(ValueError, match=r"\(target_scenarios\): unknown scenario\(s\) "
                                          r"\['feed'\]"):
         eval_target_rows(full, env["data"], "test", scenarios=["feed"])
-    with pytest.raises(ValueError, match="eval_scenarios: a non-empty list of scenario"):
-        _cfg(env, "bad", eval_scenarios=[])
+    with pytest.raises(ValueError, match="target_scenarios: a non-empty list of scenario"):
+        _cfg(env, "bad", target_scenarios=[])
 
 
 @pytest.mark.parametrize("loss_kind", ["multi_interest", "single_interest"])

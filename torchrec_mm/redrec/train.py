@@ -191,10 +191,13 @@ class RedRecConfig:
             for an impression log): only such events are window targets in training
             and targets in evaluation; every event stays in the history with its action
             flags. ``None``: every event (a log of engagements only, e.g. ratings).
-        eval_scenarios: evaluation targets only from these scenarios (e.g. ``["ads"]``:
-            the paper's cross-scenario tables score one target scenario, "(for
-            Advertisements)", with histories from all); training is unchanged.
-            ``None``: targets from every scenario.
+        target_scenarios: positives only from these scenarios (e.g. ``["ads"]``: the
+            paper's cross-scenario tables, "(for Advertisements)", predict one target
+            scenario from histories of all): with ``target_actions``, the events that
+            are window targets in training and targets in evaluation; every event of
+            every scenario stays in the history. ``None``: every scenario. A run trained
+            without it can be evaluated with it (``redrec evaluate
+            --target-scenarios``).
         cutoffs_per_user: random training cutoffs per user and epoch.
         loss: ``"multi_interest"`` | ``"single_interest"``; single_pool: ``"mean"`` |
             ``"first"``; nce_weight: weight of the next-item NCE (eq. 6) added to it.
@@ -231,7 +234,7 @@ class RedRecConfig:
     window: int = 10
     min_history: int = 1
     target_actions: Optional[Tuple[str, ...]] = None
-    eval_scenarios: Optional[Tuple[str, ...]] = None
+    target_scenarios: Optional[Tuple[str, ...]] = None
     cutoffs_per_user: int = 1
     loss: str = "multi_interest"
     single_pool: str = "mean"
@@ -304,8 +307,8 @@ class RedRecConfig:
                              f"({self.window}): the input is H[:-W]")
         self.target_actions = action_names_option(self.target_actions,
                                                    "RedRecConfig.target_actions")
-        self.eval_scenarios = action_names_option(self.eval_scenarios,
-                                                   "RedRecConfig.eval_scenarios", "scenario")
+        self.target_scenarios = action_names_option(self.target_scenarios,
+                                                   "RedRecConfig.target_scenarios", "scenario")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"RedRecConfig.max_steps: must be >= 1, got {self.max_steps}")
         if self.num_negatives == 0 and not self.in_batch:
@@ -457,6 +460,10 @@ def make_batch(log: EventLog, users: np.ndarray, t_now: np.ndarray, cfg: RedRecC
     if cfg.target_actions is not None:
         bits = action_bits(log.action_names, cfg.target_actions, f"{cfg.data} (target_actions)")
         eligible = (seq.actions & bits) != 0
+    if cfg.target_scenarios is not None:
+        ids = log.scenario_ids(cfg.target_scenarios, f"{cfg.data} (target_scenarios)")
+        inside = np.isin(seq.scenario, ids.astype(seq.scenario.dtype))
+        eligible = inside if eligible is None else eligible & inside
     inputs, targets = split_window(seq, cfg.window, min_input=cfg.min_history,
                                    eligible=eligible)
     valid = targets >= 0
@@ -721,7 +728,7 @@ def eval_target_rows(log: EventLog, data: str, split: str,
     """[E] bool over ``log``'s events (the whole dataset ``data``): the events that may
     be evaluation targets — those of ``split`` (a key of :data:`EVAL_SPLITS`) with one
     of ``target_actions`` when given, in one of ``scenarios`` when given
-    (``eval_scenarios``). ``part``: the events' split codes
+    (``target_scenarios``). ``part``: the events' split codes
     (``load_split(data).assign(...)``) when the caller has them already."""
     if part is None:
         part = load_split(data).assign(log.item, log.timestamp, log.user)
@@ -729,7 +736,7 @@ def eval_target_rows(log: EventLog, data: str, split: str,
     if target_actions is not None:
         rows &= log.action_mask(target_actions, f"{data} (target_actions)")
     if scenarios is not None:
-        rows &= log.scenario_mask(scenarios, f"{data} (eval_scenarios)")
+        rows &= log.scenario_mask(scenarios, f"{data} (target_scenarios)")
     return rows
 
 
@@ -740,7 +747,7 @@ def evaluate_redrec(model: nn.Module, cfg: RedRecConfig, ctx: DistContext,
     if log is None:
         log = EventLog.from_dataset(cfg.data)
     target_rows = eval_target_rows(log, cfg.data, cfg.eval_split, cfg.target_actions,
-                                   scenarios=cfg.eval_scenarios)
+                                   scenarios=cfg.target_scenarios)
     pcfg = cfg.protocol()
     num_items = _inner(model).tower.config.num_items
     cases = make_eval_cases(log.user_offsets, log.item, log.timestamp, num_items, pcfg,
@@ -970,10 +977,10 @@ def evaluate_run(run_dir: str, **overrides: Any) -> Dict[str, Any]:
     with open(path) as f:
         raw = json.load(f)
     bad = sorted(k for k in overrides if not (k.startswith("eval_") or k in (
-        "data", "world_size", "progress")))
+        "data", "world_size", "progress", "target_scenarios")))
     if bad:
-        raise ValueError(f"evaluate: only eval_*, data, world_size and progress can be "
-                         f"overridden, got {bad}")
+        raise ValueError(f"evaluate: only eval_*, target_scenarios, data, world_size and "
+                         f"progress can be overridden, got {bad}")
     raw.update({k: v for k, v in overrides.items() if v is not None})
     raw["out"] = run_dir
     raw["evaluate"] = True
