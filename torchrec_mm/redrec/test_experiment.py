@@ -26,6 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ABLATION_SPEC = os.path.join(os.path.dirname(__file__), "..", "..", "plugins",
                              "redrec-ablation.yaml")
 KS = [10, 50]
+MIXING_SPARSE_SPEC = os.path.join(os.path.dirname(ABLATION_SPEC), "redrec-mixing-sparse.yaml")
 
 
 def tiny_spec(bert: str) -> dict:
@@ -298,6 +299,29 @@ def test_ablation_spec_covers_the_paper_and_builds(tmp_path):
             continue
         diff = {k for k, v in runs[0].to_dict().items() if base[k] != v and k != "out"}
         assert diff == set(spec["variants"][name] or {}), name
+
+
+def test_mixing_sparse_spec_builds(tmp_path):
+    """plugins/redrec-mixing-sparse.yaml: the five mixing policies with positives from
+    search and ads only (histories from every scenario), every variant — the baselines
+    too — on that one protocol, and each policy variant differs from the others in its
+    policy alone."""
+    spec = load_experiment(MIXING_SPARSE_SPEC)
+    configs = rx.variant_configs(spec, MIXING_SPARSE_SPEC, "DATA", str(tmp_path))
+    red = {v: runs for v, runs in configs.items()
+           if isinstance(runs[0], train_mod.RedRecConfig)}
+    assert {runs[0].policy for v, runs in red.items() if v.startswith("mix_")} == \
+        set(POLICIES)
+    for runs in red.values():
+        for c in runs:
+            assert c.target_scenarios == ("search", "ads")
+            assert c.target_actions == ("is_click",)
+    assert configs["popularity"][0][1]["target_scenarios"] == ("search", "ads")
+    base = red["mix_2d"][0].to_dict()
+    for name, runs in red.items():
+        if name.startswith("mix_"):
+            diff = {k for k, v in runs[0].to_dict().items() if base[k] != v and k != "out"}
+            assert diff <= {"policy"}, name
 
 
 def test_truncate_lm_keeps_the_chosen_layers(env, tmp_path):
