@@ -296,6 +296,15 @@ def test_cli_train_then_evaluate_writes_json(env):
         assert flat[k] == pytest.approx(m[k], abs=1e-6)
     with pytest.raises(ValueError, match="only eval_"):
         evaluate_run(out, window=3)
+    # a run trained on every scenario's positives, re-scored on search targets only
+    every = evaluate_run(out, eval_max_users=10**6, progress=False)["metrics"]
+    args = _parser().parse_args(["redrec", "evaluate", "--run", out, "--no-progress",
+                                 "--target-scenarios", "search", "--max-users", "1000000"])
+    assert args.func(args) == 0
+    with open(os.path.join(out, "eval_metrics.json")) as f:
+        em_search = json.load(f)
+    assert em_search["config"]["target_scenarios"] == ["search"]
+    assert 0 < em_search["metrics"]["num_users"] < every["num_users"]
 
 
 def test_resume_equals_uninterrupted(env):
