@@ -64,10 +64,6 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable[..., Any],
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     try:
         fn(*args)
-        if dist.is_initialized():
-            # no rank tears gloo down while another still exchanges with it (a rank
-            # aborted once at exit, "terminate called without an active exception")
-            dist.barrier()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
