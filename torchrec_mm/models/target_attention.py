@@ -65,6 +65,11 @@ def _segment_softmax(scores: torch.Tensor, seg: torch.Tensor, num_segments: int
 ATTENTION_WEIGHTS = ("learned", "uniform")
 
 
+def _plogp(w: torch.Tensor) -> torch.Tensor:
+    """``w log w`` elementwise, 0 where ``w`` is 0 (padding, vanished weights)."""
+    return torch.where(w > 0, w * w.clamp_min(1e-30).log(), torch.zeros_like(w))
+
+
 class AttentionProbe:
     """Watches (and optionally replaces) the weights of :class:`TargetAttention`.
 
@@ -99,9 +104,8 @@ class AttentionProbe:
             w = weights.detach()
             length = torch.zeros(num_segments, dtype=w.dtype, device=w.device).index_add(
                 0, seg, torch.ones_like(w))
-            plogp = torch.where(w > 0, w * w.clamp_min(1e-30).log(), torch.zeros_like(w))
             entropy = -torch.zeros(num_segments, dtype=w.dtype, device=w.device).index_add(
-                0, seg, plogp)
+                0, seg, _plogp(w))
             self._record(entropy, length)
         if self.uniform:
             return (1.0 / length).index_select(0, seg)
@@ -112,8 +116,7 @@ class AttentionProbe:
         with torch.no_grad():
             w = weights.detach()
             length = mask.sum(1).to(w.dtype)
-            plogp = torch.where(w > 0, w * w.clamp_min(1e-30).log(), torch.zeros_like(w))
-            self._record(-plogp.sum(1), length)
+            self._record(-_plogp(w).sum(1), length)
         if self.uniform:
             return mask.to(weights.dtype) / length.clamp_min(1).unsqueeze(1)
         return weights

@@ -31,7 +31,7 @@ same settings unless ``--no-resume``.
 
 import argparse
 import json
-from typing import Any, Dict
+from typing import Any, Callable, Dict
 
 from torchrec_mm.redrec.sequences import POLICIES
 from torchrec_mm.redrec.item_tower import ITEM_INITS
@@ -51,18 +51,18 @@ def _ks(text: str) -> tuple:
     return ks
 
 
-def _names(text: str) -> list:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError("--target-actions: expected names like is_click")
-    return names
+def _name_list(flag: str, example: str) -> Callable[[str], list]:
+    """An argparse type: comma-separated names, at least one (errors name ``flag``)."""
+    def parse(text: str) -> list:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        if not names:
+            raise argparse.ArgumentTypeError(f"{flag}: expected names like {example}")
+        return names
+    return parse
 
 
-def _scenario_names(text: str) -> list:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError("--target-scenarios: expected names like ads")
-    return names
+_names = _name_list("--target-actions", "is_click")
+_scenario_names = _name_list("--target-scenarios", "ads")
 
 
 _TARGET_ACTIONS_HELP = ("comma-separated actions that make an event a positive (e.g. "
