@@ -42,6 +42,13 @@ def _fraction(s: str) -> float:
     return v
 
 
+def _share(s: str) -> float:
+    v = float(s)
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {v}")
+    return v
+
+
 def register(subparsers: Any) -> None:
     """Adds the ``data`` command and its subcommands."""
     from torchrec_mm.data.importers import IMPORTERS
@@ -96,6 +103,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--scenario-shares", type=_scenario_shares,
                    default=",".join(str(x) for x in d.scenario_shares),
                    help="mean share of the homefeed, search and ads impressions (H,S,A)")
+    p.add_argument("--intent-share-sparse", type=_share, default=d.intent_share_sparse,
+                   help="share of a user's search/ads impressions drawn from their "
+                   "cross-scenario intent topic once it started")
+    p.add_argument("--intent-share-homefeed", type=_share, default=d.intent_share_homefeed,
+                   help="the same share in the homefeed (0: the intent shows in the "
+                   "homefeed only through popular items and clicks on items that touch it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
     p.set_defaults(func=_synth)
 
@@ -169,7 +182,9 @@ def _synth(args: argparse.Namespace) -> int:
     cfg = SynthConfig(num_users=args.users, num_items=args.items,
                       num_interactions=args.interactions, seed=args.seed,
                       num_topics=args.topics, days=args.days, target_ctr=args.ctr,
-                      scenario_shares=args.scenario_shares)
+                      scenario_shares=args.scenario_shares,
+                      intent_share_sparse=args.intent_share_sparse,
+                      intent_share_homefeed=args.intent_share_homefeed)
     meta = generate(cfg, args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}: {meta.num_interactions} interactions, {meta.num_users} users, "
           f"{meta.num_items} items, {cfg.num_topics} topics (seed {cfg.seed})")

@@ -285,6 +285,10 @@ class SynthConfig:
                              f"got {self.scenario_shares}")
         if not 0 < self.target_ctr < 1:
             raise ValueError("target_ctr must be in (0, 1)")
+        for name in ("intent_share_sparse", "intent_share_homefeed"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {v}")
 
 
 @dataclass

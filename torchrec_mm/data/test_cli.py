@@ -35,6 +35,16 @@ def test_synth_split_stats_validate(tmp_path, capsys):
         return (scen.to_numpy(zero_copy_only=False) == "homefeed").mean()
 
     assert homefeed_share(skew) > 0.9 > homefeed_share(out)
+    # so do the intent shares
+    quiet = str(tmp_path / "quiet")
+    assert run("data", "synth", "--out", quiet, "--users", "50", "--items", "80",
+               "--interactions", "3000", "--intent-share-homefeed", "0",
+               "--intent-share-sparse", "0.9") == 0
+    config = load_meta(quiet).source["config"]
+    assert (config["intent_share_homefeed"], config["intent_share_sparse"]) == (0.0, 0.9)
+    for flag in ("--intent-share-homefeed", "--intent-share-sparse"):
+        with pytest.raises(SystemExit):
+            run("data", "synth", "--out", str(tmp_path / "bad"), flag, "1.5")
     for bad in ("0.5,0.5", "0.9,0.2,0.1", "1,0,0", "a,b,c"):
         with pytest.raises(SystemExit):
             run("data", "synth", "--out", str(tmp_path / "bad"), "--scenario-shares", bad)

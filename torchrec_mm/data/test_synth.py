@@ -106,6 +106,25 @@ def test_cross_scenario_intent(synth):
     assert c["label"][home & intent_item].mean() > 1.5 * c["label"][home & ~intent_item].mean()
 
 
+def test_intent_shares_set_where_the_intent_shows(tmp_path):
+    """intent_share_homefeed 0: homefeed impressions hit the intent topic only by chance
+    (popular items, interest topics), about as often as before the intent started;
+    search/ads keep it."""
+    cfg = SynthConfig(num_users=300, num_items=600, num_interactions=30_000,
+                      num_topics=12, seed=3, intent_share_homefeed=0.0)
+    generate(cfg, str(tmp_path / "ds"))
+    truth, c = SynthTruth.load(str(tmp_path / "ds")), load_interaction_columns(str(tmp_path / "ds"))
+    u = c["user_id"]
+    intent_item = truth.item_topic[c["item_id"]] == truth.user_intent_topic[u]
+    started = c["timestamp"] >= truth.user_intent_start[u]
+    home = c["scenario"] == 0
+    chance = intent_item[home & ~started].mean()
+    assert intent_item[home & started].mean() < 1.5 * chance
+    assert intent_item[~home & started].mean() > 0.5
+    with pytest.raises(ValueError, match="intent_share_homefeed"):
+        generate(SynthConfig(intent_share_homefeed=1.2), str(tmp_path / "x"))
+
+
 def _topic_hits(text, patterns):
     return np.array([len(p.findall(text)) for p in patterns])
 
