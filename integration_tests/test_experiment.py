@@ -46,6 +46,13 @@ def test_every_variant_and_seed_is_summarised(result):
         s = v["summary"]["test"]["auc"]
         assert len(s["values"]) == 2 and s["std"] >= 0
         assert s["values"][0] != s["values"][1]  # seeds differ
+        # the AUC's split into same-user and cross-user pairs is summarised as well
+        cold = v["summary"]["cold"]
+        assert {"auc_within_users", "auc_between_users"} <= set(cold)
+        share = v["per_seed"][0]["cold"]["within_user_pair_share"]
+        split = (share * cold["auc_within_users"]["values"][0]
+                 + (1 - share) * cold["auc_between_users"]["values"][0])
+        assert abs(split - cold["auc"]["values"][0]) < 1e-9
     assert os.path.exists(os.path.join(out, "report.html"))
 
 

@@ -199,7 +199,8 @@ def summarise(per_seed: List[Dict[str, Dict[str, float]]]) -> Dict[str, Dict[str
     out: Dict[str, Dict[str, Any]] = {}
     for sl in per_seed[0]:
         out[sl] = {}
-        for metric in ("auc", "gauc", "uauc", "logloss"):
+        for metric in ("auc", "gauc", "uauc", "auc_within_users", "auc_between_users",
+                       "logloss"):
             vals = [r[sl][metric] for r in per_seed if metric in r.get(sl, {})]
             vals = [v for v in vals if v is not None and np.isfinite(v)]
             if vals:

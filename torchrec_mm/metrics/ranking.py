@@ -225,6 +225,35 @@ def _gauc(ga: GroupAUC) -> float:
     return float((ga.auc[v] * w).sum() / w.sum())
 
 
+def _pair_split(auc_all: float, ga: GroupAUC) -> Dict[str, float]:
+    """AUC over the positive/negative pairs of one user and over pairs of two users.
+
+    The global AUC counts every (positive, negative) pair; the ``Σ_u P_u N_u`` pairs
+    of a same user are ordered with the user's own AUC, so
+
+        AUC = s · AUC_within + (1 − s) · AUC_between,   s = Σ_u P_u N_u / (P · N)
+
+    with ``AUC_within = Σ_u P_u N_u AUC_u / Σ_u P_u N_u`` (GAUC weighted by pairs
+    instead of impressions). ``AUC_between`` orders one user's positive against another
+    user's negative: it rewards scores that follow the users' click rates (a per-user
+    offset), which GAUC cannot see — why AUC and GAUC can rank two models differently.
+    NaN where a part has no pair.
+    """
+    pairs = ga.num_pos * ga.num_neg
+    within_pairs = float(pairs.sum())
+    total_pairs = float(ga.num_pos.sum() * ga.num_neg.sum())
+    nan = float("nan")
+    within = float((ga.auc[ga.valid] * pairs[ga.valid]).sum() / within_pairs) \
+        if within_pairs > 0 else nan
+    between_pairs = total_pairs - within_pairs
+    between = nan
+    if between_pairs > 0:
+        between = (auc_all * total_pairs - (within * within_pairs if within_pairs > 0
+                                             else 0.0)) / between_pairs
+    return {"auc_within_users": within, "auc_between_users": between,
+            "within_user_pair_share": within_pairs / total_pairs if total_pairs > 0 else nan}
+
+
 def uauc(scores: Any, labels: Any, user_ids: Any) -> float:
     """Mean of per-user AUC over users that have both a positive and a negative.
 
@@ -246,9 +275,11 @@ def ranking_metrics(scores: Any, labels: Any, user_ids: Optional[Any] = None) ->
         scores: [B]; labels: [B] 0/1; user_ids: optional [B] (UAUC/GAUC need it).
 
     Returns:
-        ``{"auc", "uauc", "gauc", "num_samples", "num_positives", "num_users",
-        "num_users_both_classes"}`` (the user entries only when ``user_ids`` is given);
-        metrics that are undefined on the input are NaN.
+        ``{"auc", "uauc", "gauc", "auc_within_users", "auc_between_users",
+        "within_user_pair_share", "num_samples", "num_positives", "num_users",
+        "num_users_both_classes"}`` (the user entries only when ``user_ids`` is given;
+        the AUC over same-user and cross-user pairs: :func:`_pair_split`); metrics
+        that are undefined on the input are NaN.
     """
     s, y, u = validate_ranking_inputs(scores, labels, user_ids)
     out: Dict[str, float] = {
@@ -260,6 +291,7 @@ def ranking_metrics(scores: Any, labels: Any, user_ids: Optional[Any] = None) ->
         ga = _group_auc(s, y, u)
         out["uauc"] = _uauc(ga)
         out["gauc"] = _gauc(ga)
+        out.update(_pair_split(out["auc"], ga))
         out["num_users"] = int(ga.group_ids.shape[0])
         out["num_users_both_classes"] = int(ga.valid.sum())
     return out

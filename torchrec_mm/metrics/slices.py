@@ -30,6 +30,7 @@ from torchrec_mm.metrics.ranking import (
     _global_auc,
     _group_auc,
     _gauc,
+    _pair_split,
     _uauc,
     validate_ranking_inputs,
 )
@@ -292,9 +293,11 @@ def sliced_ranking_metrics(
         include_all: add an ``"all"`` slice (unless one is given).
 
     Returns:
-        ``{slice: {"auc", "uauc", "gauc", "num_samples", "num_positives", "num_users",
-        "num_users_both_classes"}}``; undefined metrics (e.g. a slice without positives)
-        are NaN.
+        ``{slice: {"auc", "uauc", "gauc", "auc_within_users", "auc_between_users",
+        "within_user_pair_share", "num_samples", "num_positives", "num_users",
+        "num_users_both_classes"}}`` (the pair split of
+        :func:`~torchrec_mm.metrics.ranking.ranking_metrics`); undefined metrics (e.g. a
+        slice without positives) are NaN.
     """
     s, y, u = validate_ranking_inputs(scores, labels, user_ids)
     assert u is not None
@@ -313,10 +316,12 @@ def sliced_ranking_metrics(
     for name, m in masks.items():
         ss, yy, uu = s[m], y[m], u[m]
         ga = _group_auc(ss, yy, uu)
+        a = _global_auc(ss, yy)
         out[name] = {
-            "auc": _global_auc(ss, yy),
+            "auc": a,
             "uauc": _uauc(ga),
             "gauc": _gauc(ga),
+            **_pair_split(a, ga),
             "num_samples": int(ss.shape[0]),
             "num_positives": int(yy.sum()),
             "num_users": int(ga.group_ids.shape[0]),

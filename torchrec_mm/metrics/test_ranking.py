@@ -89,6 +89,52 @@ def test_auc_uauc_gauc_match_pairwise_reference(data):
     assert m["num_positives"] == sum(labels)
 
 
+def ref_pair_split(scores, labels, users):
+    """AUC over (positive, negative) pairs of the same user and of different users."""
+    wins = {True: 0.0, False: 0.0}
+    count = {True: 0, False: 0}
+    for sp, yp, up in zip(scores, labels, users):
+        if yp != 1:
+            continue
+        for sn, yn, un in zip(scores, labels, users):
+            if yn != 0:
+                continue
+            same = up == un
+            count[same] += 1
+            wins[same] += 1.0 if sp > sn else 0.5 if sp == sn else 0.0
+    total = count[True] + count[False]
+    return ({"auc_within_users": wins[True] / count[True] if count[True] else math.nan,
+             "auc_between_users": wins[False] / count[False] if count[False] else math.nan,
+             "within_user_pair_share": count[True] / total if total else math.nan})
+
+
+@settings(max_examples=150, deadline=None)
+@given(samples)
+def test_pair_split_matches_pairwise_reference(data):
+    """AUC split into same-user and cross-user pairs, against the pairwise count;
+    the slice metrics carry the same split."""
+    scores, labels, users = data
+    s = torch.tensor(scores, dtype=torch.float64)
+    y, u = torch.tensor(labels), torch.tensor(users)
+    m = ranking_metrics(s, y, u)
+    ref = ref_pair_split(scores, labels, users)
+    for k, v in ref.items():
+        assert abs(m[k] - v) < 1e-9 if not math.isnan(v) else math.isnan(m[k]), k
+    sl = sliced_ranking_metrics(s, y, u, {})["all"]
+    assert all(close(sl[k], m[k]) for k in ref)
+
+
+def test_pair_split_separates_a_user_offset_from_within_user_order():
+    """Scores that are only a per-user offset following the users' click rates: every
+    same-user pair ties (within 0.5, GAUC 0.5) while cross-user pairs are ordered."""
+    users = torch.tensor([0] * 4 + [1] * 4)
+    labels = torch.tensor([1, 1, 1, 0, 1, 0, 0, 0])
+    offset = torch.tensor([2.0] * 4 + [-2.0] * 4)
+    m = ranking_metrics(offset, labels, users)
+    assert m["auc_within_users"] == 0.5 and m["gauc"] == 0.5
+    assert m["auc_between_users"] > 0.8 and m["auc"] > 0.5
+
+
 @settings(max_examples=40, deadline=None)
 @given(samples, st.randoms(use_true_random=False))
 def test_invariant_to_sample_order(data, rnd):
