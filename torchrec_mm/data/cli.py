@@ -11,7 +11,7 @@ Examples::
 
 import argparse
 import logging
-from typing import Any
+from typing import Any, Callable
 
 logger = logging.getLogger(__name__)
 
@@ -35,18 +35,19 @@ def _scenario_shares(s: str) -> "tuple[float, float, float]":
     return v  # type: ignore[return-value]
 
 
-def _fraction(s: str) -> float:
-    v = float(s)
-    if not 0.0 <= v < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {v}")
-    return v
+def _unit_interval(include_one: bool) -> Callable[[str], float]:
+    """An argparse type: a number in [0, 1] (``include_one``) or [0, 1)."""
+    def parse(s: str) -> float:
+        v = float(s)
+        if not (0.0 <= v <= 1.0 if include_one else 0.0 <= v < 1.0):
+            raise argparse.ArgumentTypeError(
+                f"must be in [0, 1{']' if include_one else ')'}, got {v}")
+        return v
+    return parse
 
 
-def _share(s: str) -> float:
-    v = float(s)
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {v}")
-    return v
+_fraction = _unit_interval(include_one=False)
+_share = _unit_interval(include_one=True)
 
 
 def register(subparsers: Any) -> None:

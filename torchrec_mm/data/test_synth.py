@@ -93,11 +93,17 @@ def test_clicks_follow_planted_affinity(synth):
     assert liked[e >= qe[1]].mean() > liked[e <= qe[0]].mean() + 0.15
 
 
+def _intent_masks(truth, c):
+    """[N] bool: the impression's item is in the user's intent topic; the intent had
+    started at the impression's time."""
+    u = c["user_id"]
+    return (truth.item_topic[c["item_id"]] == truth.user_intent_topic[u],
+            c["timestamp"] >= truth.user_intent_start[u])
+
+
 def test_cross_scenario_intent(synth):
     _, truth, c = synth
-    u = c["user_id"]
-    intent_item = truth.item_topic[c["item_id"]] == truth.user_intent_topic[u]
-    started = c["timestamp"] >= truth.user_intent_start[u]
+    intent_item, started = _intent_masks(truth, c)
     assert (truth.user_intent_topic != truth.user_interest.argmax(1)).all()
     sparse, home = started & (c["scenario"] > 0), started & (c["scenario"] == 0)
     # search/ads reveal the intent far more than homefeed ...
@@ -112,11 +118,10 @@ def test_intent_shares_set_where_the_intent_shows(tmp_path):
     search/ads keep it."""
     cfg = SynthConfig(num_users=300, num_items=600, num_interactions=30_000,
                       num_topics=12, seed=3, intent_share_homefeed=0.0)
-    generate(cfg, str(tmp_path / "ds"))
-    truth, c = SynthTruth.load(str(tmp_path / "ds")), load_interaction_columns(str(tmp_path / "ds"))
-    u = c["user_id"]
-    intent_item = truth.item_topic[c["item_id"]] == truth.user_intent_topic[u]
-    started = c["timestamp"] >= truth.user_intent_start[u]
+    out = str(tmp_path / "ds")
+    generate(cfg, out)
+    c = load_interaction_columns(out)
+    intent_item, started = _intent_masks(SynthTruth.load(out), c)
     home = c["scenario"] == 0
     chance = intent_item[home & ~started].mean()
     assert intent_item[home & started].mean() < 1.5 * chance
