@@ -123,6 +123,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, help="W, the look-ahead window")
     p.add_argument("--target-actions", type=_names, help=_TARGET_ACTIONS_HELP)
     p.add_argument("--cutoffs-per-user", type=int)
+    p.add_argument("--cutoffs", choices=["events", "targets"],
+                   help="where training cutoffs fall: events (anywhere, the window is the "
+                        "next W events) or targets (at an eligible event, the window is "
+                        "the next W eligible ones: for sparse positives)")
     p.add_argument("--loss", choices=["multi_interest", "single_interest"])
     p.add_argument("--nce-weight", type=float, help="weight of the next-item NCE term")
     p.add_argument("--num-negatives", type=int)

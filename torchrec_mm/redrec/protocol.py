@@ -485,7 +485,10 @@ def evaluate_multi_interest(
         cases, ks, batch_size, progress, return_per_user: as in :func:`evaluate_scores`.
 
     Returns:
-        As :func:`evaluate_scores`.
+        As :func:`evaluate_scores`, plus the merge diagnostics ``interest_top1_share``
+        ([K] list: the share of cases whose top pool item came from interest k) and
+        ``distinct_top10_items`` (distinct pool items over every case's top 10: how
+        personal the head of the ranking is).
     """
     ks = _ks(ks, cases)
     if not isinstance(user_vecs, torch.Tensor) or user_vecs.dim() not in (2, 3):
@@ -526,12 +529,37 @@ def evaluate_multi_interest(
     if bs < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
     chunks: List[Dict[str, torch.Tensor]] = []
+    top_interest = torch.zeros(k, dtype=torch.long)
+    top_items: List[torch.Tensor] = []
     for lo in _chunk_starts(u, bs, progress, "redrec eval"):
         hi = min(lo + bs, u)
         q = uv[lo:hi]  # [R, K, d]
         tg = cases.targets[lo:hi]
-        neg = torch.einsum("rkd,pd->rkp", q, pool_emb).amax(1)
+        per_interest = torch.einsum("rkd,pd->rkp", q, pool_emb)
+        neg, winner = per_interest.max(1)  # [R, P]: merged score, interest that gives it
         tgt_emb = F.normalize(items[tg.clamp(min=0)].to(dtype), dim=-1)  # [R, T, d]
         pos = torch.einsum("rkd,rtd->rkt", q, tgt_emb).amax(1)
-        chunks.append(_chunk_metrics(neg, ~cases.pool_target_mask(lo, hi), pos, tg >= 0, ks))
-    return _reduce(chunks, ks, cases, return_per_user)
+        pool_ok = ~cases.pool_target_mask(lo, hi)
+        chunks.append(_chunk_metrics(neg, pool_ok, pos, tg >= 0, ks))
+        top = neg.masked_fill(~pool_ok, -math.inf).topk(min(_TOP, p), dim=1).indices
+        top_interest += torch.bincount(winner.gather(1, top[:, :1]).flatten(), minlength=k)
+        top_items.append(cases.pool[top].flatten())
+    out = _reduce(chunks, ks, cases, return_per_user)
+    out.update(_merge_diagnostics(top_interest, top_items, u))
+    return out
+
+
+#: the head whose spread over the cases :func:`evaluate_multi_interest` reports
+_TOP = 10
+
+
+def _merge_diagnostics(top_interest: torch.Tensor, top_items: List[torch.Tensor], u: int
+                       ) -> Dict[str, Any]:
+    """How the max over interests used the interests, and how personal the head is:
+    ``interest_top1_share`` [K] — the share of cases whose top-ranked pool item came from
+    interest k (one interest near 1.0: the others never surface in the merged list);
+    ``distinct_top10_items`` — distinct pool items over every case's top 10 (a ranking
+    that is the same for everyone has 10)."""
+    share = (top_interest.double() / max(u, 1)).tolist()
+    distinct = int(torch.unique(torch.cat(top_items)).numel()) if top_items else 0
+    return {"interest_top1_share": share, f"distinct_top{_TOP}_items": distinct}

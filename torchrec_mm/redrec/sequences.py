@@ -898,3 +898,61 @@ def split_window(seq: MixedSequences, w: int, min_input: int = 1,
             fields["gap_bucket"][keep] = gaps
     inputs = replace(seq, **fields, length=n_in.astype(np.int64), t_now=t_ref)
     return inputs, targets
+
+
+def target_cutoffs(log: EventLog, eligible: np.ndarray, min_history: int = 1
+                   ) -> np.ndarray:
+    """[C] int64 log rows that may be a training cutoff at a target (``RedRecConfig
+    .cutoffs="targets"``), sorted: the ``eligible`` events with at least
+    ``min_history`` of their user's events strictly earlier in time (the input a
+    cutoff at the row's time leaves; events at the same time count as later, as in
+    :func:`mix`).
+
+    Args:
+        log: the events.
+        eligible: [E] bool, the events that may be targets.
+        min_history: events required before the cutoff.
+    """
+    E = log.num_events
+    if np.shape(eligible) != (E,):
+        raise ValueError(f"eligible: expected an [E={E}] bool array, got shape "
+                         f"{np.shape(eligible)}")
+    n = np.diff(log.user_offsets)
+    user_of_row = np.repeat(np.arange(n.shape[0], dtype=np.int64), n)
+    idx = np.arange(E, dtype=np.int64)
+    first = np.ones(E, dtype=bool)  # first event of its (user, timestamp) run
+    first[1:] = (user_of_row[1:] != user_of_row[:-1]) | (log.timestamp[1:] > log.timestamp[:-1])
+    run_start = np.maximum.accumulate(np.where(first, idx, 0))
+    earlier = run_start - log.user_offsets[:-1][user_of_row]
+    return np.flatnonzero(np.asarray(eligible, dtype=bool) & (earlier >= min_history))
+
+
+def next_targets(log: EventLog, users: np.ndarray, t_now: np.ndarray, w: int,
+                 target_rows: np.ndarray) -> np.ndarray:
+    """The window of a cutoff at a target: each user's next ``w`` eligible events at or
+    after ``t_now``, however many other events lie between them (the evaluation
+    protocol's targets, :func:`~torchrec_mm.redrec.protocol.make_eval_cases`, with
+    ``w`` of them). Vectorised: one bisection per row over the user's eligible events.
+
+    Args:
+        log: the events.
+        users: [B] int user ids; t_now: [B] int cutoff times.
+        w: W, the window size (>= 1).
+        target_rows: sorted int log rows of the eligible events (e.g.
+            ``np.flatnonzero(mask)``).
+
+    Returns:
+        [B, w] int64 item ids, chronological, left-aligned, padded with ``-1``.
+    """
+    users, t_now = _check_batch(log, users, t_now)
+    if w < 1:
+        raise ValueError(f"w must be >= 1, got {w}")
+    rows = np.asarray(target_rows, dtype=np.int64)
+    lo = np.searchsorted(rows, log.user_offsets[users])
+    hi = np.searchsorted(rows, log.user_offsets[users + 1])
+    k0 = _first_at_or_after(log.timestamp[rows], lo, hi, t_now)
+    kk = k0[:, None] + np.arange(w, dtype=np.int64)[None, :]
+    valid = kk < hi[:, None]
+    if rows.size == 0:
+        return np.full((users.shape[0], w), PAD, dtype=np.int64)
+    return np.where(valid, log.item[rows[np.minimum(kk, rows.size - 1)]], PAD).astype(np.int64)

@@ -258,6 +258,38 @@ def test_multi_interest_evaluation_parity():
     assert one == evaluate_multi_interest(uv[:, :1], ie, cases, progress=False)
 
 
+def test_merge_diagnostics_match_brute_force():
+    """interest_top1_share / distinct_top10_items against a per-case loop; an interest
+    along the items' shared direction takes every case's top item and the head is the
+    same for everyone (10 distinct items)."""
+    off, item, ts = make_log(5, num_users=40, num_items=150)
+    cases = make_eval_cases(off, item, ts, 150, ProtocolConfig(pool_size=80, ks=(10,)))
+    gen = torch.Generator().manual_seed(2)
+    uv = torch.randn(len(cases), 3, 8, generator=gen, dtype=torch.float64)
+    ie = torch.randn(150, 8, generator=gen, dtype=torch.float64)
+    got = evaluate_multi_interest(uv, ie, cases, progress=False, batch_size=6)
+    q, v = F.normalize(uv, dim=-1), F.normalize(ie[cases.pool], dim=-1)
+    wins, heads = [0, 0, 0], set()
+    for i in range(len(cases)):
+        targets = set(cases.targets[i][cases.targets[i] >= 0].tolist())
+        s = q[i] @ v.T  # [K, P]
+        order = [j for j in s.amax(0).argsort(descending=True).tolist()
+                 if int(cases.pool[j]) not in targets][:10]
+        wins[int(s[:, order[0]].argmax())] += 1
+        heads.update(int(cases.pool[j]) for j in order)
+    assert got["interest_top1_share"] == pytest.approx([w / len(cases) for w in wins])
+    assert got["distinct_top10_items"] == len(heads) > 10
+
+    shared = torch.zeros(8, dtype=torch.float64)
+    shared[0] = 1.0
+    skewed = F.normalize(ie, dim=-1) + 3 * shared  # every item close to one direction
+    uv2 = uv.clone()
+    uv2[:, 0] = shared  # interest 0 points along it, the others stay random
+    dom = evaluate_multi_interest(uv2, skewed, cases, progress=False)
+    assert dom["interest_top1_share"][0] == 1.0 and sum(dom["interest_top1_share"]) == 1.0
+    assert dom["distinct_top10_items"] <= 10 + int((cases.targets >= 0).sum())
+
+
 def test_metric_input_errors():
     off, item, ts = make_log(2, num_users=10, num_items=30)
     cases = make_eval_cases(off, item, ts, 30, ProtocolConfig(pool_size=10))

@@ -20,7 +20,9 @@ from torchrec_mm.redrec.sequences import (
     allocate_quotas,
     mix,
     mix_reference,
+    next_targets,
     split_window,
+    target_cutoffs,
 )
 
 FIELDS = MixedSequences._PADDED + ("length",)
@@ -429,6 +431,44 @@ def test_split_window_eligible_targets(seed, w, min_input):
         assert (targets[b, len(want):] == PAD).all()
     with pytest.raises(ValueError, match="eligible"):
         split_window(seq, w, min_input, eligible=eligible[:, :3])
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), w=st.integers(1, 5), min_history=st.integers(0, 4),
+       t_max=st.sampled_from([20, 10**6]))
+def test_target_cutoffs_and_next_targets_match_a_per_row_reference(seed, w, min_history,
+                                                                     t_max):
+    """``cutoffs="targets"``: the cutoff rows are the eligible events with at least
+    ``min_history`` of their user's events strictly earlier (ties in time count as
+    later, t_max 20 makes many), and a window holds the user's next ``w`` eligible
+    events at or after the cutoff time, whatever lies between them."""
+    rng = np.random.default_rng(seed)
+    log = _random_log(rng, 7, 90, 3, t_max)
+    eligible = rng.random(log.num_events) < 0.3
+    want_rows = []
+    for u in range(log.num_users):
+        lo, hi = log.user_offsets[u], log.user_offsets[u + 1]
+        for r in range(lo, hi):
+            if eligible[r] and (log.timestamp[lo:hi] < log.timestamp[r]).sum() >= min_history:
+                want_rows.append(r)
+    rows = target_cutoffs(log, eligible, min_history)
+    assert rows.tolist() == want_rows and rows.dtype == np.int64
+
+    users = rng.integers(0, log.num_users, 12)
+    t_now = rng.integers(0, t_max + 2, 12)
+    got = next_targets(log, users, t_now, w, np.flatnonzero(eligible))
+    assert got.shape == (12, w) and got.dtype == np.int64
+    for b, (u, t) in enumerate(zip(users, t_now)):
+        lo, hi = log.user_offsets[u], log.user_offsets[u + 1]
+        want = [int(log.item[r]) for r in range(lo, hi)
+                if eligible[r] and log.timestamp[r] >= t][:w]
+        assert got[b, :len(want)].tolist() == want
+        assert (got[b, len(want):] == PAD).all()
+    assert (next_targets(log, users, t_now, w, np.zeros(0, np.int64)) == PAD).all()
+    with pytest.raises(ValueError, match="eligible"):
+        target_cutoffs(log, eligible[:-1])
+    with pytest.raises(ValueError, match="w must be >= 1"):
+        next_targets(log, users, t_now, 0, np.flatnonzero(eligible))
 
 
 def test_action_mask_and_bits():

@@ -22,7 +22,7 @@ from torchrec_mm.redrec.losses import (
     single_interest_loss,
 )
 from torchrec_mm.redrec.protocol import make_eval_cases
-from torchrec_mm.redrec.sequences import SEQ_ITEM, EventLog, mix, split_window
+from torchrec_mm.redrec.sequences import SEQ_ITEM, EventLog, mix, next_targets, split_window
 from torchrec_mm.redrec.test_tower import build_tiny_bert
 from torchrec_mm.redrec.tower import CAND_ITEM
 from torchrec_mm.redrec.train import (
@@ -35,8 +35,10 @@ from torchrec_mm.redrec.train import (
     load_redrec_config,
     make_batch,
     sample_negatives,
+    target_mask,
     train_redrec,
     training_samples,
+    training_targets,
 )
 from torchrec_mm.training.checkpoint import latest_checkpoint, read_checkpoint
 from torchrec_mm.training.distributed import init_distributed
@@ -217,6 +219,62 @@ def test_target_scenarios_in_training_and_evaluation(env):
         eval_target_rows(full, env["data"], "test", scenarios=["feed"])
     with pytest.raises(ValueError, match="target_scenarios: a non-empty list of scenario"):
         _cfg(env, "bad", target_scenarios=[])
+
+
+def test_cutoffs_at_targets(env):
+    """cutoffs='targets': every sample's cutoff is the time of one of its user's
+    eligible events (clicked search events) with >= min_history events before it; its
+    input is the mix of last_n - W events before that time and its window the next W
+    eligible events from it on — every sample has a target, where cutoffs anywhere
+    leave most windows without one; training and evaluation run."""
+    kw = dict(target_scenarios=["search"], target_actions=["is_click"], min_history=2,
+              cutoffs_per_user=3)
+    cfg = _cfg(env, "tc", cutoffs="targets", **kw)
+    log = EventLog.from_dataset(env["data"], split_filter="train")
+    eligible = target_mask(log, cfg)
+    search = log.scenario_names.index("search")
+    np.testing.assert_array_equal(eligible, (log.scenario == search) & ((log.actions & 1) != 0))
+    rows = training_targets(log, cfg)
+    np.testing.assert_array_equal(rows, np.flatnonzero(eligible))
+    users, t_now = training_samples(log, cfg, epoch=0)
+    with_cutoff = set()
+    for u in range(log.num_users):
+        lo, hi = log.user_offsets[u], log.user_offsets[u + 1]
+        if any(eligible[r] and (log.timestamp[lo:hi] < log.timestamp[r]).sum() >= 2
+               for r in range(lo, hi)):
+            with_cutoff.add(u)
+    assert sorted(set(users.tolist())) == sorted(with_cutoff)
+    assert users.size == 3 * len(with_cutoff)
+    for u, t in zip(users.tolist(), t_now.tolist()):
+        lo, hi = log.user_offsets[u], log.user_offsets[u + 1]
+        at = [r for r in range(lo, hi) if log.timestamp[r] == t and eligible[r]]
+        assert at and (log.timestamp[lo:hi] < t).sum() >= 2
+
+    neg = sample_negatives(NUM_ITEMS, cfg, None, 0, 0)
+    batch = make_batch(log, users[:16], t_now[:16], cfg, neg, rows)
+    want = next_targets(log, users[:16], t_now[:16], cfg.window, rows)
+    assert torch.equal(batch.window_ids, torch.from_numpy(want))
+    assert (batch.window_ids[:, 0] >= 0).all()
+    assert torch.equal(make_batch(log, users[:16], t_now[:16], cfg, neg).window_ids,
+                       batch.window_ids)  # target rows computed when not given
+    inputs = mix(log, users[:16], t_now[:16], cfg.mix_config(cfg.last_n - cfg.window))
+    assert batch.features[SEQ_ITEM].lengths().tolist() == inputs.length.tolist()
+    assert max(inputs.length) <= cfg.last_n - cfg.window
+    assert batch.features[SEQ_ITEM].values().tolist() == \
+        inputs.item[np.arange(cfg.last_n - cfg.window)[None, :] < inputs.length[:, None]].tolist()
+    # the same samples with cutoffs anywhere leave most windows empty on this log
+    ev_users, ev_t = training_samples(log, _cfg(env, "ev", **kw), epoch=0)
+    ev = make_batch(log, ev_users[:64], ev_t[:64], _cfg(env, "ev", **kw), neg)
+    assert (ev.window_ids[:, 0] < 0).float().mean() > 0.5
+
+    trained = train_redrec(_cfg(env, "tc_run", cutoffs="targets", evaluate=True, **kw))
+    assert trained["steps"] == (3 * len(with_cutoff)) // cfg.batch_size
+    assert np.isfinite(trained["curve"][-1]["loss"]) and trained["eval"]["num_users"] > 0
+    with pytest.raises(ValueError, match=r"cutoffs: 'anywhere' is not one of"):
+        _cfg(env, "x", cutoffs="anywhere")
+    assert _parser().parse_args(["redrec", "train", "--cutoffs", "targets"]).cutoffs == "targets"
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["redrec", "train", "--cutoffs", "anywhere"])
 
 
 @pytest.mark.parametrize("loss_kind", ["multi_interest", "single_interest"])

@@ -14,9 +14,20 @@ mixed sequence of at most ``last_n`` events before ``t_now`` (``policy``, ``quot
 min_history``) gives the tower input ``H[:-W]`` and the ``<= W`` window targets (the
 first = the next item). With ``target_actions`` (e.g. ``["is_click"]`` on an impression
 log) only the window's events with one of those actions are targets; the others still
-leave the input. Samples are shuffled per epoch (``[seed, epoch, 1]``); step
-``j`` of an epoch takes the global batch ``perm[j*R*B:(j+1)*R*B]`` and rank ``r`` its
-rows ``r*B:(r+1)*B`` (the last partial global batch is dropped).
+leave the input. That is ``cutoffs="events"`` (the default). With ``cutoffs="targets"``
+a cutoff is the time of one of the user's eligible events (``target_actions`` /
+``target_scenarios``; :func:`~torchrec_mm.redrec.sequences.target_cutoffs`: at least
+``min_history`` events before it), drawn uniformly among them, the tower input is the
+mix of the ``last_n - W`` events before it (the evaluation's input length) and the
+window is the user's next ``W`` eligible events from it on
+(:func:`~torchrec_mm.redrec.sequences.next_targets`) — the evaluation's cutoffs and
+targets. Where the positives are a small share of the log (the clicks of one sparse
+scenario) cutoffs anywhere leave most windows without a target (91% on a 97 / 2 / 1 %
+homefeed / search / ads log with search/ads clicks as targets) and the tower is trained
+on the few that have one; cutoffs at targets train on every sample. Samples are
+shuffled per epoch (``[seed, epoch, 1]``); step ``j`` of an epoch takes the global batch
+``perm[j*R*B:(j+1)*R*B]`` and rank ``r`` its rows ``r*B:(r+1)*B`` (the last partial
+global batch is dropped).
 
 **Negatives.** ``num_negatives`` item ids per step, shared by every user and rank,
 drawn with replacement from ``[seed, epoch, step, 2]``: uniform over the catalogue
@@ -121,7 +132,9 @@ from torchrec_mm.redrec.sequences import (
     action_bits,
     action_names_option,
     mix,
+    next_targets,
     split_window,
+    target_cutoffs,
 )
 from torchrec_mm.redrec.item_tower import ITEM_INITS
 from torchrec_mm.redrec.tower import (
@@ -157,11 +170,14 @@ __all__ = [
     "load_redrec_config",
     "make_batch",
     "train_redrec",
+    "target_mask",
     "training_samples",
+    "training_targets",
 ]
 
 LOSSES = ("multi_interest", "single_interest")
 NEGATIVES = ("uniform", "popularity")
+CUTOFFS = ("events", "targets")
 EVAL_SPLITS = {"test": (TEST_WARM, TEST_COLD), "test_warm": (TEST_WARM,),
                "test_cold": (TEST_COLD,)}
 CONTENT_FIELDS = ("emb_token", "pooled")
@@ -199,6 +215,11 @@ class RedRecConfig:
             without it can be evaluated with it (``redrec evaluate
             --target-scenarios``).
         cutoffs_per_user: random training cutoffs per user and epoch.
+        cutoffs: where the training cutoffs fall (module doc, "Training samples"):
+            ``"events"`` (default, paper eq. 5: anywhere, the window is the mixed
+            sequence's last W events) or ``"targets"`` (at an eligible event, the
+            window is the next W eligible events: the evaluation's cutoffs, for
+            positives that are a small share of the log, e.g. ``target_scenarios``).
         loss: ``"multi_interest"`` | ``"single_interest"``; single_pool: ``"mean"`` |
             ``"first"``; nce_weight: weight of the next-item NCE (eq. 6) added to it.
         num_negatives / negatives / negative_alpha / in_batch: negatives (module doc).
@@ -236,6 +257,7 @@ class RedRecConfig:
     target_actions: Optional[Tuple[str, ...]] = None
     target_scenarios: Optional[Tuple[str, ...]] = None
     cutoffs_per_user: int = 1
+    cutoffs: str = "events"
     loss: str = "multi_interest"
     single_pool: str = "mean"
     nce_weight: float = 0.0
@@ -279,7 +301,8 @@ class RedRecConfig:
         choices = {"init": INITS, "item_init": ITEM_INITS, "lm_positions": LM_POSITIONS,
                    "item_embedding": ITEM_EMBEDDINGS,
                    "policy": POLICIES,
-                   "loss": LOSSES, "negatives": NEGATIVES, "single_pool": ("mean", "first"),
+                   "loss": LOSSES, "negatives": NEGATIVES, "cutoffs": CUTOFFS,
+                   "single_pool": ("mean", "first"),
                    "dense_optimizer": ("adam", "sgd"),
                    "embedding_optimizer": tuple(sorted(EMBEDDING_OPTIMIZERS)),
                    "sharding_type": SHARDING_TYPES, "eval_split": tuple(EVAL_SPLITS),
@@ -427,16 +450,49 @@ class RedRecBatch:
             None if self.neg_ids is None else self.neg_ids.to(device))
 
 
+def target_mask(log: EventLog, cfg: RedRecConfig) -> Optional[np.ndarray]:
+    """[E] bool over ``log``'s events: those that may be window targets
+    (``target_actions`` and ``target_scenarios``); ``None``: every event."""
+    rows = None
+    if cfg.target_actions is not None:
+        rows = log.action_mask(cfg.target_actions, f"{cfg.data} (target_actions)")
+    if cfg.target_scenarios is not None:
+        inside = log.scenario_mask(cfg.target_scenarios, f"{cfg.data} (target_scenarios)")
+        rows = inside if rows is None else rows & inside
+    return rows
+
+
+def training_targets(log: EventLog, cfg: RedRecConfig) -> Optional[np.ndarray]:
+    """Sorted log rows of the eligible events when ``cfg.cutoffs == "targets"`` (the
+    windows of :func:`make_batch`), else ``None``."""
+    if cfg.cutoffs != "targets":
+        return None
+    mask = target_mask(log, cfg)
+    return np.arange(log.num_events, dtype=np.int64) if mask is None else np.flatnonzero(mask)
+
+
 def training_samples(log: EventLog, cfg: RedRecConfig, epoch: int
                      ) -> Tuple[np.ndarray, np.ndarray]:
     """The ``(users [S], t_now [S])`` training samples of ``epoch`` (module doc), in user
     order (shuffle separately)."""
+    rng = np.random.default_rng([cfg.seed, epoch, 0])
+    if cfg.cutoffs == "targets":
+        mask = target_mask(log, cfg)
+        rows = target_cutoffs(log, np.ones(log.num_events, dtype=bool) if mask is None
+                              else mask, cfg.min_history)
+        user_of = np.searchsorted(log.user_offsets, rows, side="right") - 1
+        count = np.bincount(user_of, minlength=log.num_users)
+        start = np.concatenate([[0], np.cumsum(count)])
+        users = np.repeat(np.flatnonzero(count > 0), cfg.cutoffs_per_user)
+        pick = np.minimum((rng.random(users.size) * count[users]).astype(np.int64),
+                          count[users] - 1)
+        t_now = log.timestamp[rows[start[users] + pick]]
+        return users.astype(np.int64), t_now.astype(np.int64)
     n = np.diff(log.user_offsets)
     lo = cfg.min_history + 1
     users = np.repeat(np.flatnonzero(n >= lo), cfg.cutoffs_per_user)
     if users.size == 0:
         return users.astype(np.int64), np.zeros(0, np.int64)
-    rng = np.random.default_rng([cfg.seed, epoch, 0])
     span = n[users] - lo + 1
     c = lo + np.minimum((rng.random(users.size) * span).astype(np.int64), span - 1)
     t_now = log.timestamp[log.user_offsets[users] + c - 1] + 1
@@ -453,19 +509,33 @@ def _with_candidates(kjt: KeyedJaggedTensor, cand: np.ndarray, cand_lengths: np.
 
 
 def make_batch(log: EventLog, users: np.ndarray, t_now: np.ndarray, cfg: RedRecConfig,
-               neg_ids: np.ndarray) -> RedRecBatch:
-    """Tower inputs ``H[:-W]``, window targets and negatives of a training batch."""
-    seq = mix(log, users, t_now, cfg.mix_config())
-    eligible = None
-    if cfg.target_actions is not None:
-        bits = action_bits(log.action_names, cfg.target_actions, f"{cfg.data} (target_actions)")
-        eligible = (seq.actions & bits) != 0
-    if cfg.target_scenarios is not None:
-        ids = log.scenario_ids(cfg.target_scenarios, f"{cfg.data} (target_scenarios)")
-        inside = np.isin(seq.scenario, ids.astype(seq.scenario.dtype))
-        eligible = inside if eligible is None else eligible & inside
-    inputs, targets = split_window(seq, cfg.window, min_input=cfg.min_history,
-                                   eligible=eligible)
+               neg_ids: np.ndarray, target_rows: Optional[np.ndarray] = None
+               ) -> RedRecBatch:
+    """Tower inputs and window targets of a training batch, and its negatives.
+
+    ``cutoffs="events"``: the mix of ``last_n`` events before ``t_now``, split into the
+    input ``H[:-W]`` and the window's eligible events. ``"targets"``: the mix of
+    ``last_n - W`` events before ``t_now`` (the evaluation's input length) and the
+    next W eligible events at or after it (``target_rows``: the sorted eligible log
+    rows, :func:`training_targets`; computed here when not given)."""
+    if cfg.cutoffs == "targets":
+        if target_rows is None:
+            target_rows = training_targets(log, cfg)
+        inputs = mix(log, users, t_now, cfg.mix_config(cfg.last_n - cfg.window))
+        targets = next_targets(log, users, t_now, cfg.window, target_rows)
+    else:
+        seq = mix(log, users, t_now, cfg.mix_config())
+        eligible = None
+        if cfg.target_actions is not None:
+            bits = action_bits(log.action_names, cfg.target_actions,
+                               f"{cfg.data} (target_actions)")
+            eligible = (seq.actions & bits) != 0
+        if cfg.target_scenarios is not None:
+            ids = log.scenario_ids(cfg.target_scenarios, f"{cfg.data} (target_scenarios)")
+            inside = np.isin(seq.scenario, ids.astype(seq.scenario.dtype))
+            eligible = inside if eligible is None else eligible & inside
+        inputs, targets = split_window(seq, cfg.window, min_input=cfg.min_history,
+                                       eligible=eligible)
     valid = targets >= 0
     lengths = valid.sum(1)
     if lengths.size:
@@ -830,10 +900,12 @@ def run_rank(cfg: RedRecConfig, ctx: DistContext) -> Dict[str, Any]:
     global_bs = cfg.batch_size * ctx.world_size
     steps_per_epoch = users0.size // global_bs
     if steps_per_epoch == 0:
-        raise ValueError(f"{cfg.data}: {users0.size} training samples (users with >= "
-                         f"{cfg.min_history + 1} train events x {cfg.cutoffs_per_user} "
-                         f"cutoffs), fewer than one step of batch {cfg.batch_size} x "
-                         f"{ctx.world_size} rank(s)")
+        who = (f"users with an eligible train event after >= {cfg.min_history} others"
+               if cfg.cutoffs == "targets" else
+               f"users with >= {cfg.min_history + 1} train events")
+        raise ValueError(f"{cfg.data}: {users0.size} training samples ({who} x "
+                         f"{cfg.cutoffs_per_user} cutoffs), fewer than one step of batch "
+                         f"{cfg.batch_size} x {ctx.world_size} rank(s)")
     total = steps_per_epoch * cfg.epochs
     total = min(total, cfg.max_steps) if cfg.max_steps else total
     if start_step > total:
@@ -841,6 +913,7 @@ def run_rank(cfg: RedRecConfig, ctx: DistContext) -> Dict[str, Any]:
                          f"the {total} of this configuration (epochs {cfg.epochs}, max_steps "
                          f"{cfg.max_steps}): use another --out or --no-resume")
     probs = negative_distribution(train_log, num_items, cfg)
+    target_rows = training_targets(train_log, cfg)
     inner = _inner(model)
 
     def save() -> None:
@@ -862,7 +935,7 @@ def run_rank(cfg: RedRecConfig, ctx: DistContext) -> Dict[str, Any]:
             sel = perm[j * global_bs + ctx.rank * cfg.batch_size:
                        j * global_bs + (ctx.rank + 1) * cfg.batch_size]
             neg = sample_negatives(num_items, cfg, probs, epoch, j)
-            batch = make_batch(train_log, users[sel], t_now[sel], cfg, neg)
+            batch = make_batch(train_log, users[sel], t_now[sel], cfg, neg, target_rows)
             loss, _, _ = model(batch.to(ctx.device))
             optimizer.zero_grad()
             loss.backward()
