@@ -71,9 +71,13 @@ def main() -> None:
     ap.add_argument("--skip-train", action="store_true", help="only the generation benchmarks")
     ap.add_argument("--sizes", default="small,dlrm",
                     help=f"base ranker sizes for the train-step ratio ({', '.join(RANKER_SIZES)})")
+    ap.add_argument("--item-zipf", type=float, default=0.0,
+                    help="items drawn by a Zipf popularity with this exponent (0: uniform, "
+                         "the most distinct items per batch); the train-step ratio "
+                         "depends on the distinct items per step")
     args = ap.parse_args()
     samples = random_samples(num_interactions=300_000, num_users=2_000, num_items=20_000,
-                             history_length=50, seed=0)
+                             history_length=50, seed=0, item_zipf=args.item_zipf)
     rng = np.random.default_rng(0)
     results = {}
     cases = [] if args.skip_train else [
@@ -163,7 +167,7 @@ def main() -> None:
     results.update(bench_raw_text(args.text_items))
     write_result("idproxy", {"goals": {"train_step_ratio": 1.25, "items_per_s": 50_000,
                                        "raw_text_vs_hf": 0.9},
-                             "results": results}, args.out)
+                             "item_zipf": args.item_zipf, "results": results}, args.out)
 
 
 def bench_raw_text(n: int) -> dict:

@@ -16,22 +16,32 @@ def random_samples(
     seed: int = 0,
     cold_frac: float = 0.1,
     test_frac: float = 0.1,
+    item_zipf: float = 0.0,
 ) -> RankingSamples:
     """A :class:`RankingSamples` with a planted signal: users and items have one of 8
     latent groups; a click is likely when the groups match (so an ID model learns it
-    and the target-item/history interaction carries it)."""
+    and the target-item/history interaction carries it). ``item_zipf`` > 0: items are
+    drawn by a Zipf popularity ``∝ rank^-item_zipf`` (ranks a random permutation of
+    the items) instead of uniformly, as in a real log's impressions."""
     rng = np.random.default_rng(seed)
     user_group = rng.integers(0, 8, num_users)
     item_group = rng.integers(0, 8, num_items)
     u = rng.integers(0, num_users, num_interactions)
     # impressions biased towards the user's group so histories are informative
     same = rng.random(num_interactions) < 0.4
-    it = rng.integers(0, num_items, num_interactions)
     by_group = [np.nonzero(item_group == g)[0] for g in range(8)]
+    if item_zipf > 0:
+        pop = np.empty(num_items)
+        pop[rng.permutation(num_items)] = np.arange(1, num_items + 1, dtype=np.float64) \
+            ** -item_zipf
+        it = rng.choice(num_items, num_interactions, p=pop / pop.sum())
+    else:
+        it = rng.integers(0, num_items, num_interactions)
     for g in range(8):
         m = same & (user_group[u] == g)
         if len(by_group[g]):
-            it[m] = rng.choice(by_group[g], int(m.sum()))
+            p = None if item_zipf <= 0 else pop[by_group[g]] / pop[by_group[g]].sum()
+            it[m] = rng.choice(by_group[g], int(m.sum()), p=p)
     logit = np.where(user_group[u] == item_group[it], 1.5, -2.0)
     label = (rng.random(num_interactions) < 1 / (1 + np.exp(-logit))).astype(np.int8)
     ts = np.sort(rng.integers(0, 30 * 86400, num_interactions))
