@@ -35,6 +35,24 @@ def _scenario_shares(s: str) -> "tuple[float, float, float]":
     return v  # type: ignore[return-value]
 
 
+def _pop_shares(s: str) -> "tuple[float, float, float]":
+    """``H,S,A`` -> three shares in [0, 1] (per scenario, not summing to anything)."""
+    try:
+        v = tuple(float(x) for x in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three numbers H,S,A, got '{s}'") from None
+    if len(v) != 3 or not all(0.0 <= x <= 1.0 for x in v):
+        raise argparse.ArgumentTypeError(f"expected three shares H,S,A in [0, 1], got '{s}'")
+    return v  # type: ignore[return-value]
+
+
+def _non_negative(s: str) -> float:
+    v = float(s)
+    if not v >= 0.0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
+    return v
+
+
 def _unit_interval(include_one: bool) -> Callable[[str], float]:
     """An argparse type: a number in [0, 1] (``include_one``) or [0, 1)."""
     def parse(s: str) -> float:
@@ -110,6 +128,14 @@ def register(subparsers: Any) -> None:
     p.add_argument("--intent-share-homefeed", type=_share, default=d.intent_share_homefeed,
                    help="the same share in the homefeed (0: the intent shows in the "
                    "homefeed only through popular items and clicks on items that touch it)")
+    p.add_argument("--zipf-exponent", type=_non_negative, default=d.zipf_exponent,
+                   help="item popularity ~ rank^-exponent (0: every item equally popular)")
+    p.add_argument("--pop-shares", type=_pop_shares,
+                   default=",".join(str(x) for x in d.pop_share),
+                   help="per scenario (H,S,A), the share of impressions drawn by "
+                   "popularity rather than by interest")
+    p.add_argument("--quality-std", type=_non_negative, default=d.quality_std,
+                   help="std of the items' click-quality bias (0: none)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
     p.set_defaults(func=_synth)
 
@@ -185,7 +211,9 @@ def _synth(args: argparse.Namespace) -> int:
                       num_topics=args.topics, days=args.days, target_ctr=args.ctr,
                       scenario_shares=args.scenario_shares,
                       intent_share_sparse=args.intent_share_sparse,
-                      intent_share_homefeed=args.intent_share_homefeed)
+                      intent_share_homefeed=args.intent_share_homefeed,
+                      zipf_exponent=args.zipf_exponent, pop_share=args.pop_shares,
+                      quality_std=args.quality_std)
     meta = generate(cfg, args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}: {meta.num_interactions} interactions, {meta.num_users} users, "
           f"{meta.num_items} items, {cfg.num_topics} topics (seed {cfg.seed})")

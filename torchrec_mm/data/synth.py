@@ -289,6 +289,11 @@ class SynthConfig:
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {v}")
+        if len(self.pop_share) != 3 or not all(0.0 <= v <= 1.0 for v in self.pop_share):
+            raise ValueError(f"pop_share must be 3 numbers in [0, 1], got {self.pop_share}")
+        for name in ("zipf_exponent", "quality_std"):
+            if not getattr(self, name) >= 0.0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass

@@ -45,6 +45,18 @@ def test_synth_split_stats_validate(tmp_path, capsys):
     for flag in ("--intent-share-homefeed", "--intent-share-sparse"):
         with pytest.raises(SystemExit):
             run("data", "synth", "--out", str(tmp_path / "bad"), flag, "1.5")
+    # and the popularity knobs
+    flat = str(tmp_path / "flat")
+    assert run("data", "synth", "--out", flat, "--users", "50", "--items", "80",
+               "--interactions", "3000", "--zipf-exponent", "0", "--pop-shares", "0,0,0.5",
+               "--quality-std", "0") == 0
+    config = load_meta(flat).source["config"]
+    assert (config["zipf_exponent"], config["pop_share"], config["quality_std"]) == \
+        (0.0, [0.0, 0.0, 0.5], 0.0)
+    for flag, bad in (("--zipf-exponent", "-1"), ("--quality-std", "nan"),
+                      ("--pop-shares", "0,0"), ("--pop-shares", "0,1.5,0")):
+        with pytest.raises(SystemExit):
+            run("data", "synth", "--out", str(tmp_path / "bad"), flag, bad)
     for bad in ("0.5,0.5", "0.9,0.2,0.1", "1,0,0", "a,b,c"):
         with pytest.raises(SystemExit):
             run("data", "synth", "--out", str(tmp_path / "bad"), "--scenario-shares", bad)

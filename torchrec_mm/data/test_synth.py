@@ -130,6 +130,29 @@ def test_intent_shares_set_where_the_intent_shows(tmp_path):
         generate(SynthConfig(intent_share_homefeed=1.2), str(tmp_path / "x"))
 
 
+def test_popularity_off_flattens_item_counts(tmp_path):
+    """zipf_exponent 0, pop_share 0, quality_std 0: no item is favoured beyond its
+    topic — the most shown 1% of items take far less of the impressions than with the
+    default Zipf popularity; out-of-range values are refused by name."""
+    def top_share(cfg, name):
+        out = str(tmp_path / name)
+        generate(cfg, out)
+        counts = np.sort(np.bincount(load_interaction_columns(out)["item_id"],
+                                     minlength=cfg.num_items))[::-1]
+        return counts[:cfg.num_items // 100].sum() / counts.sum()
+
+    kw = dict(num_users=300, num_items=1000, num_interactions=30_000, num_topics=8, seed=1)
+    skewed = top_share(SynthConfig(**kw), "skewed")
+    flat = top_share(SynthConfig(zipf_exponent=0.0, pop_share=(0.0, 0.0, 0.0),
+                                 quality_std=0.0, **kw), "flat")
+    assert flat < 0.08 < 0.2 < skewed, (flat, skewed)  # seen: 0.046 and 0.30
+    for bad, match in ((dict(zipf_exponent=-0.5), "zipf_exponent"),
+                       (dict(quality_std=float("nan")), "quality_std"),
+                       (dict(pop_share=(0.1, 1.2, 0.0)), "pop_share")):
+        with pytest.raises(ValueError, match=match):
+            generate(SynthConfig(**bad), str(tmp_path / "bad"))
+
+
 def _topic_hits(text, patterns):
     return np.array([len(p.findall(text)) for p in patterns])
 
