@@ -116,6 +116,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lm-positions", choices=LM_POSITIONS, help="lm: the user LM adds its "
                    "own positions; none: order only through PE_seq / PE_gap")
     p.add_argument("--content-field", choices=["emb_token", "pooled"])
+    p.add_argument("--center-items", action="store_true", default=None,
+                   help="subtract the catalogue mean from the frozen item vectors "
+                        "(--content-store) before the tower's projection")
     p.add_argument("--embedding-dim", type=int)
     p.add_argument("--interests-per-scenario", type=int)
     p.add_argument("--policy", choices=POLICIES, help="sequence mixing policy")

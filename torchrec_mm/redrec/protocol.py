@@ -486,9 +486,11 @@ def evaluate_multi_interest(
 
     Returns:
         As :func:`evaluate_scores`, plus the merge diagnostics ``interest_top1_share``
-        ([K] list: the share of cases whose top pool item came from interest k) and
+        ([K] list: the share of cases whose top pool item came from interest k),
         ``distinct_top10_items`` (distinct pool items over every case's top 10: how
-        personal the head of the ranking is).
+        personal the head of the ranking is) and ``interest_user_cosine`` ([K] list:
+        the mean cosine between two cases' interest-k vectors; 1.0: the same for
+        everyone).
     """
     ks = _ks(ks, cases)
     if not isinstance(user_vecs, torch.Tensor) or user_vecs.dim() not in (2, 3):
@@ -546,7 +548,19 @@ def evaluate_multi_interest(
         top_items.append(cases.pool[top].flatten())
     out = _reduce(chunks, ks, cases, return_per_user)
     out.update(_merge_diagnostics(top_interest, top_items, u))
+    out["interest_user_cosine"] = _mean_pairwise_cosine(uv)
     return out
+
+
+def _mean_pairwise_cosine(uv: torch.Tensor) -> List[float]:
+    """[U', K, d] unit interest vectors -> [K] mean cosine between the interest-k vectors
+    of two different cases, ``(|Σ_u v_uk|² - U') / (U'(U' - 1))``: 1.0 means the tower
+    gives every user the same interest whatever the history (NaN with one case)."""
+    n = uv.shape[0]
+    if n < 2:
+        return [math.nan] * uv.shape[1]
+    total = uv.double().sum(0)  # [K, d]
+    return ((total.pow(2).sum(1) - n) / (n * (n - 1))).tolist()
 
 
 #: the head whose spread over the cases :func:`evaluate_multi_interest` reports

@@ -279,6 +279,10 @@ def test_merge_diagnostics_match_brute_force():
         heads.update(int(cases.pool[j]) for j in order)
     assert got["interest_top1_share"] == pytest.approx([w / len(cases) for w in wins])
     assert got["distinct_top10_items"] == len(heads) > 10
+    n = len(cases)
+    pairs = [[float(q[a, j] @ q[b, j]) for a in range(n) for b in range(n) if a != b]
+             for j in range(3)]
+    assert got["interest_user_cosine"] == pytest.approx([np.mean(p) for p in pairs])
 
     shared = torch.zeros(8, dtype=torch.float64)
     shared[0] = 1.0
@@ -288,6 +292,8 @@ def test_merge_diagnostics_match_brute_force():
     dom = evaluate_multi_interest(uv2, skewed, cases, progress=False)
     assert dom["interest_top1_share"][0] == 1.0 and sum(dom["interest_top1_share"]) == 1.0
     assert dom["distinct_top10_items"] <= 10 + int((cases.targets >= 0).sum())
+    assert dom["interest_user_cosine"][0] == pytest.approx(1.0)  # same for every case
+    assert abs(dom["interest_user_cosine"][1]) < 0.2  # random per case
 
 
 def test_metric_input_errors():

@@ -498,6 +498,19 @@ def test_planted_topic_signal_beats_random_tower(env):
 # --------------------------------------------------------------------------- errors
 
 
+def test_center_items_subtracts_the_catalogue_mean(env):
+    """center_items: the tower's frozen item vectors are the store's minus their mean
+    (history events and candidates alike read them); only with a content store."""
+    kw = dict(item_embedding="content", content_store=env["store"])
+    plain = build_model(_cfg(env, "c0", **kw)).tower.encoder.item_vectors
+    centred = build_model(_cfg(env, "c1", center_items=True, **kw)).tower.encoder.item_vectors
+    torch.testing.assert_close(centred, plain - plain.mean(0, keepdim=True))
+    assert centred.mean(0).abs().max() < 1e-5 < plain.mean(0).abs().max()
+    assert _parser().parse_args(["redrec", "train", "--center-items"]).center_items is True
+    with pytest.raises(ValueError, match="center_items: only with frozen item vectors"):
+        _cfg(env, "x", center_items=True)
+
+
 def test_bad_configs(env, tmp_path):
     with pytest.raises(ValueError, match="loss"):
         _cfg(env, "x", loss="triplet")
