@@ -23,27 +23,32 @@ def _positive_int(s: str) -> int:
     return v
 
 
-def _scenario_shares(s: str) -> "tuple[float, float, float]":
-    """``H,S,A`` -> three positive shares summing to 1 (homefeed, search, ads)."""
+def _three_numbers(s: str) -> "tuple[float, float, float]":
+    """``H,S,A`` -> three floats (one per scenario: homefeed, search, ads)."""
     try:
         v = tuple(float(x) for x in s.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected three numbers H,S,A, got '{s}'") from None
-    if len(v) != 3 or min(v) <= 0 or abs(sum(v) - 1) > 1e-6:
+    if len(v) != 3:
+        raise argparse.ArgumentTypeError(f"expected three numbers H,S,A, got '{s}'")
+    return v  # type: ignore[return-value]
+
+
+def _scenario_shares(s: str) -> "tuple[float, float, float]":
+    """``H,S,A`` -> three positive shares summing to 1 (homefeed, search, ads)."""
+    v = _three_numbers(s)
+    if min(v) <= 0 or abs(sum(v) - 1) > 1e-6:
         raise argparse.ArgumentTypeError(
             f"expected three positive shares H,S,A summing to 1, got '{s}'")
-    return v  # type: ignore[return-value]
+    return v
 
 
 def _pop_shares(s: str) -> "tuple[float, float, float]":
     """``H,S,A`` -> three shares in [0, 1] (per scenario, not summing to anything)."""
-    try:
-        v = tuple(float(x) for x in s.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected three numbers H,S,A, got '{s}'") from None
-    if len(v) != 3 or not all(0.0 <= x <= 1.0 for x in v):
+    v = _three_numbers(s)
+    if not all(0.0 <= x <= 1.0 for x in v):
         raise argparse.ArgumentTypeError(f"expected three shares H,S,A in [0, 1], got '{s}'")
-    return v  # type: ignore[return-value]
+    return v
 
 
 def _non_negative(s: str) -> float:

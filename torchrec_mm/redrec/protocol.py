@@ -547,33 +547,34 @@ def evaluate_multi_interest(
         top_interest += torch.bincount(winner.gather(1, top[:, :1]).flatten(), minlength=k)
         top_items.append(cases.pool[top].flatten())
     out = _reduce(chunks, ks, cases, return_per_user)
-    out.update(_merge_diagnostics(top_interest, top_items, u))
-    out["interest_user_cosine"] = _mean_pairwise_cosine(uv)
+    out.update(_personalisation(uv, top_interest, top_items))
     return out
-
-
-def _mean_pairwise_cosine(uv: torch.Tensor) -> List[float]:
-    """[U', K, d] unit interest vectors -> [K] mean cosine between the interest-k vectors
-    of two different cases, ``(|Σ_u v_uk|² - U') / (U'(U' - 1))``: 1.0 means the tower
-    gives every user the same interest whatever the history (NaN with one case)."""
-    n = uv.shape[0]
-    if n < 2:
-        return [math.nan] * uv.shape[1]
-    total = uv.double().sum(0)  # [K, d]
-    return ((total.pow(2).sum(1) - n) / (n * (n - 1))).tolist()
 
 
 #: the head whose spread over the cases :func:`evaluate_multi_interest` reports
 _TOP = 10
 
 
-def _merge_diagnostics(top_interest: torch.Tensor, top_items: List[torch.Tensor], u: int
-                       ) -> Dict[str, Any]:
-    """How the max over interests used the interests, and how personal the head is:
-    ``interest_top1_share`` [K] — the share of cases whose top-ranked pool item came from
-    interest k (one interest near 1.0: the others never surface in the merged list);
-    ``distinct_top10_items`` — distinct pool items over every case's top 10 (a ranking
-    that is the same for everyone has 10)."""
-    share = (top_interest.double() / max(u, 1)).tolist()
+def _personalisation(uv: torch.Tensor, top_interest: torch.Tensor,
+                     top_items: List[torch.Tensor]) -> Dict[str, Any]:
+    """How much the ranking depends on the user, from the [U', K, d] unit interests, the
+    [K] count of cases whose top pool item each interest gave and every case's top
+    items:
+
+    * ``interest_user_cosine`` [K] — the mean cosine between two cases' interest-k
+      vectors, ``(|Σ_u v_uk|² - U') / (U'(U' - 1))``: 1.0 means the tower gives every
+      user the same interest whatever the history (NaN with one case);
+    * ``interest_top1_share`` [K] — the share of cases whose top-ranked pool item came
+      from interest k (one interest near 1.0: the others never surface in the merged
+      list);
+    * ``distinct_top10_items`` — distinct pool items over every case's top 10 (a ranking
+      that is the same for everyone has 10).
+    """
+    n, k = uv.shape[0], uv.shape[1]
+    total = uv.double().sum(0)  # [K, d]
+    cosine = (((total.pow(2).sum(1) - n) / (n * (n - 1))).tolist() if n > 1
+              else [math.nan] * k)
     distinct = int(torch.unique(torch.cat(top_items)).numel()) if top_items else 0
-    return {"interest_top1_share": share, f"distinct_top{_TOP}_items": distinct}
+    return {"interest_user_cosine": cosine,
+            "interest_top1_share": (top_interest.double() / max(n, 1)).tolist(),
+            f"distinct_top{_TOP}_items": distinct}

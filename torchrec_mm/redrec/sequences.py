@@ -948,11 +948,11 @@ def next_targets(log: EventLog, users: np.ndarray, t_now: np.ndarray, w: int,
     if w < 1:
         raise ValueError(f"w must be >= 1, got {w}")
     rows = np.asarray(target_rows, dtype=np.int64)
+    if rows.size == 0:
+        return np.full((users.shape[0], w), PAD, dtype=np.int64)
     lo = np.searchsorted(rows, log.user_offsets[users])
     hi = np.searchsorted(rows, log.user_offsets[users + 1])
     k0 = _first_at_or_after(log.timestamp[rows], lo, hi, t_now)
     kk = k0[:, None] + np.arange(w, dtype=np.int64)[None, :]
-    valid = kk < hi[:, None]
-    if rows.size == 0:
-        return np.full((users.shape[0], w), PAD, dtype=np.int64)
-    return np.where(valid, log.item[rows[np.minimum(kk, rows.size - 1)]], PAD).astype(np.int64)
+    return np.where(kk < hi[:, None], log.item[rows[np.minimum(kk, rows.size - 1)]],
+                    PAD).astype(np.int64)

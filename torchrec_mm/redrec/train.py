@@ -23,7 +23,8 @@ window is the user's next ``W`` eligible events from it on
 (:func:`~torchrec_mm.redrec.sequences.next_targets`) — the evaluation's cutoffs and
 targets. Where the positives are a small share of the log (the clicks of one sparse
 scenario) cutoffs anywhere leave most windows without a target (91% on a 97 / 2 / 1 %
-homefeed / search / ads log with search/ads clicks as targets) and the tower is trained
+homefeed / search / ads log with search/ads clicks as targets, counted over the training
+samples by an ad-hoc script) and the tower is trained
 on the few that have one; cutoffs at targets train on every sample. Samples are
 shuffled per epoch (``[seed, epoch, 1]``); step ``j`` of an epoch takes the global batch
 ``perm[j*R*B:(j+1)*R*B]`` and rank ``r`` its rows ``r*B:(r+1)*B`` (the last partial
@@ -203,8 +204,10 @@ class RedRecConfig:
             catalogue mean before the tower's projection, as the ``content_mean``
             baseline does. MiniLM's ``[EMB]`` vectors share one direction (mean cosine
             0.80 between items on the generated data); uncentred, the trained user tower
-            gave every user the same interests (cosine 1.0000 between users) and the
-            loss stayed near chance on a log without item popularity.
+            gave every user the same interests (mean cosine 1.0000 between users, what
+            evaluation now reports as ``interest_user_cosine``) and the
+            loss stayed near chance on a log without item popularity
+            (``plugins/redrec-mixing-sparse.yaml`` has the runs).
         lm_positions: ``"lm"`` or ``"none"`` (the user LM's own position encoding off:
             ``UserTowerConfig.lm_positions``).
         policy / last_n / quotas: :class:`~torchrec_mm.redrec.sequences.MixConfig`.
@@ -461,16 +464,23 @@ class RedRecBatch:
             None if self.neg_ids is None else self.neg_ids.to(device))
 
 
+def _positives(log: EventLog, data: str, target_actions: Optional[Sequence[str]],
+               scenarios: Optional[Sequence[str]]) -> Optional[np.ndarray]:
+    """[E] bool over ``log``'s events with one of ``target_actions`` (when given) in one
+    of ``scenarios`` (when given); ``None`` when neither is given (every event)."""
+    rows = None
+    if target_actions is not None:
+        rows = log.action_mask(target_actions, f"{data} (target_actions)")
+    if scenarios is not None:
+        inside = log.scenario_mask(scenarios, f"{data} (target_scenarios)")
+        rows = inside if rows is None else rows & inside
+    return rows
+
+
 def target_mask(log: EventLog, cfg: RedRecConfig) -> Optional[np.ndarray]:
     """[E] bool over ``log``'s events: those that may be window targets
     (``target_actions`` and ``target_scenarios``); ``None``: every event."""
-    rows = None
-    if cfg.target_actions is not None:
-        rows = log.action_mask(cfg.target_actions, f"{cfg.data} (target_actions)")
-    if cfg.target_scenarios is not None:
-        inside = log.scenario_mask(cfg.target_scenarios, f"{cfg.data} (target_scenarios)")
-        rows = inside if rows is None else rows & inside
-    return rows
+    return _positives(log, cfg.data, cfg.target_actions, cfg.target_scenarios)
 
 
 def training_targets(log: EventLog, cfg: RedRecConfig) -> Optional[np.ndarray]:
@@ -489,8 +499,9 @@ def training_samples(log: EventLog, cfg: RedRecConfig, epoch: int
     rng = np.random.default_rng([cfg.seed, epoch, 0])
     if cfg.cutoffs == "targets":
         mask = target_mask(log, cfg)
-        rows = target_cutoffs(log, np.ones(log.num_events, dtype=bool) if mask is None
-                              else mask, cfg.min_history)
+        if mask is None:
+            mask = np.ones(log.num_events, dtype=bool)
+        rows = target_cutoffs(log, mask, cfg.min_history)
         user_of = np.searchsorted(log.user_offsets, rows, side="right") - 1
         count = np.bincount(user_of, minlength=log.num_users)
         start = np.concatenate([[0], np.cumsum(count)])
@@ -818,11 +829,8 @@ def eval_target_rows(log: EventLog, data: str, split: str,
     if part is None:
         part = load_split(data).assign(log.item, log.timestamp, log.user)
     rows = np.isin(part, np.array(EVAL_SPLITS[split], dtype=part.dtype))
-    if target_actions is not None:
-        rows &= log.action_mask(target_actions, f"{data} (target_actions)")
-    if scenarios is not None:
-        rows &= log.scenario_mask(scenarios, f"{data} (target_scenarios)")
-    return rows
+    positive = _positives(log, data, target_actions, scenarios)
+    return rows if positive is None else rows & positive
 
 
 def evaluate_redrec(model: nn.Module, cfg: RedRecConfig, ctx: DistContext,
