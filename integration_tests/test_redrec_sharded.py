@@ -119,7 +119,9 @@ def _build(kind: str, bert: str) -> _Train:
     cfg = UserTowerConfig(model_path=bert, num_items=NUM_ITEMS, num_scenarios=S,
                           num_actions=A, last_n=LAST_N, num_gap_buckets=21, embedding_dim=16,
                           item_embedding="id" if kind == "id" else "content",
-                          item_states=states, dropout=0.0)
+                          item_states=states, dropout=0.0,
+                          # content: with the LM-bypassing mean path (one more DDP parameter)
+                          event_mean="output" if kind == "content" else "none")
     return _Train(UserTower(cfg, item_vectors=vecs))
 
 

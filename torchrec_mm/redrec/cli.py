@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict
 
 from torchrec_mm.redrec.sequences import POLICIES
 from torchrec_mm.redrec.item_tower import ITEM_INITS
-from torchrec_mm.redrec.tower import INITS, ITEM_EMBEDDINGS, LM_POSITIONS
+from torchrec_mm.redrec.tower import EVENT_MEANS, INITS, ITEM_EMBEDDINGS, LM_POSITIONS
 from torchrec_mm.training.sharding import SHARDING_TYPES
 
 _KS_HELP = "comma-separated cutoffs K of HR/NDCG/MRR@K, e.g. 10,50,100,1000"
@@ -107,6 +107,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    "(item_embedding=content)")
     p.add_argument("--item-states", help="directory of `redrec item-states`: the item "
                    "tower trained jointly (item_embedding=content)")
+    p.add_argument("--lm-lr", type=float, help="learning rate of the user LM's layers "
+                   "(default: --dense-lr)")
     p.add_argument("--item-lr", type=float, help="learning rate of the item tower's "
                    "layers (default: --dense-lr)")
     p.add_argument("--item-dropout", type=float, help="dropout of the item tower's layers "
@@ -115,6 +117,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    "layers start (scratch: random init)")
     p.add_argument("--lm-positions", choices=LM_POSITIONS, help="lm: the user LM adds its "
                    "own positions; none: order only through PE_seq / PE_gap")
+    p.add_argument("--event-mean", choices=EVENT_MEANS, help="where the user's mean event "
+                   "vector enters the tower besides the LM's attention: output (a path "
+                   "around the LM) or queries (the query tokens start from it)")
     p.add_argument("--content-field", choices=["emb_token", "pooled"])
     p.add_argument("--center-items", action="store_true", default=None,
                    help="subtract the catalogue mean from the frozen item vectors "

@@ -93,7 +93,7 @@ def reference(tower: UserTower, ev: Dict[str, np.ndarray], lengths: List[int]) -
     enc = tower.encoder
     outs, start = [], 0
     for L in lengths:
-        rows = []
+        rows, raw = [], []
         for j in range(start, start + L):
             x = (tables[f"{p}_item"].weight[int(ev[SEQ_ITEM][j])]
                  + tables[f"{p}_scenario"].weight[int(ev[SEQ_SCENARIO][j])]
@@ -104,10 +104,17 @@ def reference(tower: UserTower, ev: Dict[str, np.ndarray], lengths: List[int]) -
                 if (int(ev[SEQ_ACTIONS][j]) >> bit) & 1:
                     x = x + tables[f"{p}_action"].weight[bit]
             rows.append(enc.input_proj(x))
+            raw.append(x)
         start += L
-        seq = torch.stack(rows + list(enc.queries))[None]              # [1, L + K, H]
+        queries = list(enc.queries)
+        if enc.event_mean == "queries" and raw:
+            queries = [q + enc.input_proj(torch.stack(raw).mean(0)) for q in queries]
+        seq = torch.stack(rows + queries)[None]                       # [1, L + K, H]
         h = enc.lm(inputs_embeds=seq).last_hidden_state[0, L:]
-        outs.append(F.normalize(enc.output_proj(h), dim=-1))
+        out = enc.output_proj(h)
+        if enc.event_mean == "output" and raw:
+            out = out + enc.skip_proj(torch.stack(raw).mean(0))
+        outs.append(F.normalize(out, dim=-1))
     return torch.stack(outs)
 
 
@@ -139,6 +146,40 @@ def test_batched_matches_per_user_reference(bert, lengths, seed):
         got = tower(to_kjt(ev, lengths))
         want = reference(tower, ev, lengths)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("where", ["output", "queries"])
+def test_event_mean(bert, where):
+    """event_mean: the batched tower equals the per-user reference (users without events
+    get no mean term); the term changes every user with events, and nobody else."""
+    lengths = [3, 0, LAST_N, 1, 5]
+    ev = random_events(np.random.default_rng(3), lengths)
+    tower = _tower(bert, event_mean=where)
+    plain = _tower(bert)
+    missing = tower.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing == (["encoder.skip_proj.weight"] if where == "output" else [])
+    with torch.no_grad():
+        got = tower(to_kjt(ev, lengths))
+        torch.testing.assert_close(got, reference(tower, ev, lengths), atol=2e-5, rtol=0)
+        base = plain(to_kjt(ev, lengths))
+        assert ((got - base).flatten(1).abs().max(1).values > 1e-3).tolist() == [
+            n > 0 for n in lengths]
+    with pytest.raises(ValueError, match="event_mean"):
+        _cfg(bert, event_mean="max")
+
+
+def test_event_mean_output_alone_is_the_mean_map(bert):
+    """event_mean='output' with the LM's projection zeroed: every interest is the
+    normalised skip map of the user's mean event."""
+    tower = _tower(bert, event_mean="output")
+    with torch.no_grad():
+        tower.encoder.output_proj.weight.zero_()
+        tower.encoder.output_proj.bias.zero_()
+        events = torch.randn(2, 4, tower.dim, generator=torch.Generator().manual_seed(0))
+        out = tower.encoder.encode(events, torch.tensor([4, 2]))
+        want = F.normalize(tower.encoder.skip_proj(torch.stack(
+            [events[0].mean(0), events[1, :2].mean(0)])), dim=-1)
+    torch.testing.assert_close(out, want[:, None].expand_as(out), atol=1e-6, rtol=0)
 
 
 def test_padding_garbage_and_batch_mates_do_not_matter(bert):

@@ -511,6 +511,36 @@ def test_center_items_subtracts_the_catalogue_mean(env):
         _cfg(env, "x", center_items=True)
 
 
+def test_event_mean_and_lm_lr(env):
+    """event_mean reaches the tower's skip projection (config and CLI); lm_lr is the user
+    LM's own learning rate (a 0-like lr: its layers barely move while the queries,
+    projections and skip train at dense_lr)."""
+    assert build_model(_cfg(env, "s1", event_mean="output")).tower.encoder.skip_proj is not None
+    assert build_model(_cfg(env, "s0")).tower.encoder.skip_proj is None
+    args = _parser().parse_args(["redrec", "train", "--event-mean", "output", "--lm-lr", "1e-5"])
+    assert args.event_mean == "output" and args.lm_lr == 1e-5
+    kw = dict(event_mean="output", dense_lr=3e-3, max_steps=2, evaluate=False)
+    init = build_model(_cfg(env, "x", **kw)).state_dict()
+    train_redrec(_cfg(env, "lm_slow", lm_lr=1e-9, **kw))
+    _, _, c = read_checkpoint(latest_checkpoint(str(env["root"] / "lm_slow" / "checkpoints")))
+    lm = [k for k in init if k.startswith("tower.encoder.lm.") and "/model/" + k in c]
+    assert lm
+    for k in lm:
+        torch.testing.assert_close(c["/model/" + k], init[k], rtol=0, atol=1e-6, msg=k)
+    for k in ("tower.encoder.queries", "tower.encoder.skip_proj.weight",
+              "tower.encoder.output_proj.weight"):
+        assert not torch.allclose(c["/model/" + k], init[k]), k
+    train_redrec(_cfg(env, "lm_fast", **kw))
+    _, _, f = read_checkpoint(latest_checkpoint(str(env["root"] / "lm_fast" / "checkpoints")))
+    assert any(not torch.allclose(f["/model/" + k], init[k]) for k in lm)
+    with pytest.raises(ValueError, match="event_mean"):
+        _cfg(env, "x", event_mean="max")
+    with pytest.raises(ValueError, match="lm_lr"):
+        _cfg(env, "x", lm_lr=0.0)
+    with pytest.raises(ValueError, match="lm_lr"):
+        _cfg(env, "x", lm_lr=1e-5, init="frozen")
+
+
 def test_bad_configs(env, tmp_path):
     with pytest.raises(ValueError, match="loss"):
         _cfg(env, "x", loss="triplet")

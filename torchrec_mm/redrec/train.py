@@ -140,6 +140,7 @@ from torchrec_mm.redrec.sequences import (
 from torchrec_mm.redrec.item_tower import ITEM_INITS
 from torchrec_mm.redrec.tower import (
     CAND_ITEM,
+    EVENT_MEANS,
     INITS,
     ITEM_EMBEDDINGS,
     LM_POSITIONS,
@@ -210,6 +211,8 @@ class RedRecConfig:
             (``plugins/redrec-mixing-sparse.yaml`` has the runs).
         lm_positions: ``"lm"`` or ``"none"`` (the user LM's own position encoding off:
             ``UserTowerConfig.lm_positions``).
+        event_mean: ``"none"`` or ``"mean"`` (a linear map of the mean event vector
+            added to every interest, bypassing the LM: ``UserTowerConfig.event_mean``).
         policy / last_n / quotas: :class:`~torchrec_mm.redrec.sequences.MixConfig`.
         window: W, the look-ahead window (paper 10); min_history: events kept as input.
         target_actions: the actions that make an event a positive (e.g. ``["is_click"]``
@@ -237,6 +240,10 @@ class RedRecConfig:
         dense_optimizer / dense_lr / embedding_optimizer / embedding_lr: optimizers
             (tables: fused TorchRec optimizer, ``adagrad`` or ``sgd`` on CPU — fbgemm
             has no CPU Adam; the rest: ``adam`` or ``sgd``).
+        lm_lr: learning rate of the user LM's layers (``None``: ``dense_lr``); the
+            queries, projections and temperature keep ``dense_lr``. Pretrained
+            transformers are usually fine-tuned at 1e-5 to 1e-4, the new layers around
+            them learn at 1e-3 to 1e-4.
         world_size / sharding_type: DMP ranks and the planner constraint.
         checkpoint_every: steps between extra checkpoints (0: per epoch and at the end).
         eval_*: evaluation (module doc); eval_index: ``"exact"`` or a faiss
@@ -252,9 +259,11 @@ class RedRecConfig:
     content_field: str = "emb_token"
     item_states: Optional[str] = None
     item_lr: Optional[float] = None
+    lm_lr: Optional[float] = None
     item_dropout: Optional[float] = 0.0
     item_init: str = "pretrained"
     lm_positions: str = "lm"
+    event_mean: str = "none"
     center_items: bool = False
     embedding_dim: int = 0
     interests_per_scenario: int = 3
@@ -309,6 +318,7 @@ class RedRecConfig:
 
         self.eval_ks = tuple(int(k) for k in self.eval_ks)
         choices = {"init": INITS, "item_init": ITEM_INITS, "lm_positions": LM_POSITIONS,
+                   "event_mean": EVENT_MEANS,
                    "item_embedding": ITEM_EMBEDDINGS,
                    "policy": POLICIES,
                    "loss": LOSSES, "negatives": NEGATIVES, "cutoffs": CUTOFFS,
@@ -361,8 +371,12 @@ class RedRecConfig:
         if self.item_embedding == "id" and (self.content_store or self.item_states):
             raise ValueError("RedRecConfig: content_store / item_states given but "
                              "item_embedding='id'")
-        if self.item_lr is not None and not (self.item_lr > 0 and math.isfinite(self.item_lr)):
-            raise ValueError(f"RedRecConfig.item_lr: must be finite and > 0, got {self.item_lr}")
+        for name in ("item_lr", "lm_lr"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"RedRecConfig.{name}: must be finite and > 0, got {value}")
+        if self.lm_lr is not None and self.init == "frozen":
+            raise ValueError("RedRecConfig.lm_lr: the LM does not train with init='frozen'")
         for name in ("dropout", "item_dropout"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value < 1.0:
@@ -682,7 +696,7 @@ def build_model(cfg: RedRecConfig) -> RedRecModel:
         interests_per_scenario=cfg.interests_per_scenario,
         item_embedding=cfg.item_embedding, item_states=cfg.item_states,
         embedding_dim=cfg.embedding_dim, dropout=cfg.dropout, item_dropout=cfg.item_dropout,
-        item_init=cfg.item_init, lm_positions=cfg.lm_positions)
+        item_init=cfg.item_init, lm_positions=cfg.lm_positions, event_mean=cfg.event_mean)
     return RedRecModel(UserTower(tower_cfg, item_vectors=vecs), cfg)
 
 
@@ -895,7 +909,8 @@ def run_rank(cfg: RedRecConfig, ctx: DistContext) -> Dict[str, Any]:
     model = _shard(unsharded, cfg, ctx)
     from torchrec_mm.training.trainer import make_optimizer
 
-    dense_lrs = {"item_tower.": cfg.item_lr} if cfg.item_lr is not None else None
+    dense_lrs = {frag: lr for frag, lr in (("item_tower.", cfg.item_lr),
+                                           ("encoder.lm.", cfg.lm_lr)) if lr is not None}
     optimizer = make_optimizer(model, cfg, dense_lrs)  # type: ignore[arg-type]  # duck-typed
     ckpt_root = os.path.join(cfg.out, "checkpoints")
     latest = ckpt.latest_checkpoint(ckpt_root) if cfg.resume else None
