@@ -211,8 +211,9 @@ class RedRecConfig:
             (``plugins/redrec-mixing-sparse.yaml`` has the runs).
         lm_positions: ``"lm"`` or ``"none"`` (the user LM's own position encoding off:
             ``UserTowerConfig.lm_positions``).
-        event_mean: ``"none"`` or ``"mean"`` (a linear map of the mean event vector
-            added to every interest, bypassing the LM: ``UserTowerConfig.event_mean``).
+        event_mean: ``"none"``, ``"output"`` (a linear map of the user's mean event
+            vector added to every interest, around the LM) or ``"queries"`` (the query
+            tokens start from it): ``UserTowerConfig.event_mean``.
         policy / last_n / quotas: :class:`~torchrec_mm.redrec.sequences.MixConfig`.
         window: W, the look-ahead window (paper 10); min_history: events kept as input.
         target_actions: the actions that make an event a positive (e.g. ``["is_click"]``
@@ -241,9 +242,7 @@ class RedRecConfig:
             (tables: fused TorchRec optimizer, ``adagrad`` or ``sgd`` on CPU — fbgemm
             has no CPU Adam; the rest: ``adam`` or ``sgd``).
         lm_lr: learning rate of the user LM's layers (``None``: ``dense_lr``); the
-            queries, projections and temperature keep ``dense_lr``. Pretrained
-            transformers are usually fine-tuned at 1e-5 to 1e-4, the new layers around
-            them learn at 1e-3 to 1e-4.
+            queries, projections and temperature keep ``dense_lr``.
         world_size / sharding_type: DMP ranks and the planner constraint.
         checkpoint_every: steps between extra checkpoints (0: per epoch and at the end).
         eval_*: evaluation (module doc); eval_index: ``"exact"`` or a faiss
