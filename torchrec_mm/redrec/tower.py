@@ -124,6 +124,7 @@ from torchrec_mm.redrec.sequences import (
     SEQ_POS,
     SEQ_SCENARIO,
 )
+from torchrec_mm.utils import jagged
 
 __all__ = [
     "CAND_ITEM",
@@ -446,10 +447,9 @@ class UserTowerEncoder(nn.Module):
         rows = torch.arange(B, device=x.device)[:, None].expand(B, K)
         queries = self.queries.to(x.dtype).expand(B, K, H)
         mean: Optional[torch.Tensor] = None
-        if self.event_mean != "none":
-            valid = (torch.arange(T, device=x.device)[None, :] < lengths[:, None])[..., None]
-            total = torch.where(valid, events, events.new_zeros(())).sum(1)     # [B, d]
-            mean = total / lengths.clamp(min=1)[:, None].to(events.dtype)
+        if self.event_mean != "none":  # [B, d], zero without events
+            valid = torch.arange(T, device=x.device)[None, :] < lengths[:, None]
+            mean = jagged.segment_mean(events[valid], lengths)
         if self.event_mean == "queries":
             assert mean is not None
             start = torch.where((lengths > 0)[:, None], self.input_proj(mean),
