@@ -56,6 +56,9 @@ CASES = [
     ("dlrm", "row_wise", "swap"),
     ("target_attention", "row_wise", "cold_only"),
     ("dlrm", "table_wise", "cold_only"),
+    # augment with history_grad false: the adaptor's gradient from the targets only
+    ("target_attention", "table_wise", "augment_target_grad"),
+    ("dlrm", "row_wise", "augment_target_grad"),
 ]
 # also trained through TrainPipelineSparseDist (swap feeds the EBC a filtered KJT, so
 # that EBC's input dist is not prefetched; training must still be the same)
@@ -69,10 +72,12 @@ def _write_inputs(out_dir: str) -> None:
     save_proxies(os.path.join(out_dir, "proxies"), Proxies(
         p_coarse=torch.nn.functional.normalize(torch.randn(NUM_ITEMS, DIM, generator=g), dim=1),
         z_groups=torch.randn(NUM_ITEMS, 3, 12, generator=g), has_content=has))
-    for mode in ("augment", "swap", "cold_only"):
+    for mode in ("augment", "swap", "cold_only", "augment_target_grad"):
         options = {"proxies": os.path.join(out_dir, "proxies"), "mode": mode, "hidden_dim": 16}
         if mode == "cold_only":
             options["cold_threshold"] = COLD_THRESHOLD
+        if mode == "augment_target_grad":
+            options.update(mode="augment", history_grad=False)
         spec = {"plugins": [{"name": "idproxy", "options": options}]}
         with open(os.path.join(out_dir, f"{mode}.yaml"), "w") as f:
             yaml.safe_dump(spec, f)

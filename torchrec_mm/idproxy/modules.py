@@ -118,6 +118,13 @@ class IDProxyConfig:
         store: read the proxies' inputs from this online item store at every call
             (:class:`StoreInputs`) instead of the artefact's table; an item not in the
             store has no content (the fallback). ``store_version``: only its records.
+        history_grad: the fine proxies of the history items carry gradient into the
+            adaptor (φ̃, W_g, W_c), as in the paper's joint stage 2. False (modes
+            ``augment`` / ``feature`` with a trained fine proxy): the history items'
+            p_fine is computed without gradient — the adaptor learns from the target
+            items' p_fine alone, while the ranker still reads p_fine in every history
+            slot — so the adaptor's backward runs over a batch's distinct *target*
+            items instead of all its distinct items (most of them history items).
     """
 
     mode: str = "augment"
@@ -132,6 +139,7 @@ class IDProxyConfig:
     store_version: Optional[str] = None
     feature_parts: str = "coarse_fine"
     fine_run: Optional[str] = None
+    history_grad: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -153,6 +161,12 @@ class IDProxyConfig:
         if self.fine_run and self.store:
             raise ValueError("idproxy fine_run and store cannot be combined: the store "
                              "holds the adaptor's inputs, fine_run fixes its outputs")
+        if not self.history_grad and (not self.use_fine or self.fine_run
+                                      or self.mode not in ("augment", "feature")):
+            raise ValueError("idproxy history_grad false needs a trained fine proxy "
+                             "(use_fine true, no fine_run) in mode 'augment' or 'feature' "
+                             f"(got mode '{self.mode}', use_fine {self.use_fine}, "
+                             f"fine_run {self.fine_run!r})")
 
 
 @torch.fx.wrap
@@ -167,6 +181,14 @@ def _distinct_rows(ids: torch.Tensor, num_items: int) -> Tuple[torch.Tensor, tor
         return position[ids], mark.nonzero().squeeze(1)
     uniq, inverse = torch.unique(ids, return_inverse=True)
     return inverse, uniq
+
+
+@torch.fx.wrap
+def _gated_no_grad(fine: "FineProxy", pc: torch.Tensor, z_in: torch.Tensor) -> torch.Tensor:
+    """``fine.gated(pc, z_in)`` [u, d] computed without autograd (a constant of the
+    step; fx-wrapped so that a traced model keeps the no-grad block)."""
+    with torch.no_grad():
+        return fine.gated(pc, z_in)
 
 
 @torch.fx.wrap
@@ -485,6 +507,14 @@ def _drop_from_feature(kjt: KeyedJaggedTensor, key: str, drop: torch.Tensor
 
 
 @torch.fx.wrap
+def _fine_no_grad(source: "_ProxySource", p_coarse: torch.Tensor, gated: torch.Tensor
+                  ) -> torch.Tensor:
+    """``p_fine = W_c p_coarse + gated`` [.., d] without autograd."""
+    with torch.no_grad():
+        return source.fine_map(p_coarse) + gated
+
+
+@torch.fx.wrap
 def _kt_value(kt: KeyedTensor, key: str) -> torch.Tensor:
     return kt[key]
 
@@ -586,6 +616,22 @@ class _ProxySource(nn.Module):
         return (index, _zero_absent(pc, present),
                 _zero_absent(self.fine.gated(pc, z), present), present)
 
+    def split_parts(self, ids: torch.Tensor, n_target: int
+                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``history_grad`` False: ids [n] = the target ids [n_target] then the history
+        ids → (index [n], p_coarse [u, d], gated_target [n_target, d], gated [u, d]).
+        ``gated`` (every distinct item) is computed without gradient;
+        ``gated_target``, row i for ``ids[i]``, carries the gradient and is computed
+        once per distinct target item. Zero rows for items without content."""
+        assert self.fine is not None
+        index, rows = _distinct_rows(ids, self._num_items)
+        pc, z, present = self.fine.lookup(rows)
+        gated = _zero_absent(_gated_no_grad(self.fine, pc, z), present)
+        # the distinct target items, as positions among the rows
+        t_index, t_rows = _distinct_rows(index[:n_target], int(rows.shape[0]))
+        t_gated = _zero_absent(self.fine.gated(pc[t_rows], z[t_rows]), present[t_rows])
+        return index, _zero_absent(pc, present), t_gated.index_select(0, t_index), gated
+
     def _stored_rows(self, ids: torch.Tensor
                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``fine_run``: (index [n], stored ``concat(p_coarse, p_fine)`` [u, 2d], present)."""
@@ -676,7 +722,15 @@ class IDProxyEmbeddingCollection(nn.Module):
         n_t = t_ids.shape[0]
         ids = torch.cat([t_ids, h_ids])
         emb_t, emb_h = _seq_values(seq, self.keys[0]), _seq_values(seq, self.keys[1])
-        if self.config.mode == "augment":
+        if self.config.mode == "augment" and not self.config.history_grad:
+            index, pc, gated_t, gated = self.source.split_parts(ids, n_t)
+            i_t, i_h = index[:n_t], index[n_t:]
+            pc_t = pc.index_select(0, i_t)
+            values_t = torch.cat([emb_t, pc_t, self.source.fine_map(pc_t) + gated_t], dim=1)
+            pf = _fine_no_grad(self.source, pc, gated)
+            values_h = torch.cat([emb_h, pc.index_select(0, i_h), pf.index_select(0, i_h)],
+                                 dim=1)
+        elif self.config.mode == "augment":
             # per table: the frozen p_coarse's gather has no backward
             index, tables, _ = self.source.slot_tables(ids)
             i_t, i_h = index[:n_t], index[n_t:]
@@ -762,6 +816,18 @@ class IDProxyEmbeddingBagCollection(nn.Module):
             if self.config.feature_parts == "fine":
                 return _rebuild_kt(kt, {}, self.extra_keys, [t[:, d:], h[:, d:]])
             return _rebuild_kt(kt, {}, self.extra_keys, [t[:, :d], t[:, d:], h[:, :d], h[:, d:]])
+        if self.config.mode in ("augment", "feature") and not self.config.history_grad:
+            kt = self.embedding_bag_collection(features)
+            index, pc, gated_t, gated = self.source.split_parts(torch.cat([t_ids, h_ids]), n_t)
+            t_pc = pc.index_select(0, index[:n_t])
+            h_pc = jagged.gather_pool(pc, index[n_t:], h_len, "mean")
+            t_pf = self.source.fine_map(t_pc) + gated_t
+            # no gradient: the pooling is one embedding_bag without backward
+            h_pf = _fine_no_grad(self.source, h_pc,
+                                 jagged.gather_pool(gated, index[n_t:], h_len, "mean"))
+            if self.config.feature_parts == "fine":
+                return _rebuild_kt(kt, {}, self.extra_keys, [t_pf, h_pf])
+            return _rebuild_kt(kt, {}, self.extra_keys, [t_pc, t_pf, h_pc, h_pf])
         if self.config.mode in ("augment", "feature"):
             kt = self.embedding_bag_collection(features)
             index, pc, gated, _ = self.source.parts(torch.cat([t_ids, h_ids]))

@@ -61,6 +61,9 @@ class IDProxyOptions:
             from at every step instead of the artefact's table (new items written by
             ``torchrec-mm serve-items`` are served at once); ``store_version``: only
             records of that version. The artefact still gives the dims and the basis.
+        history_grad: false: the history items' fine proxies are computed without
+            gradient, the adaptor learns from the target items' alone (faster stage 2;
+            see ``IDProxyConfig``).
     """
 
     proxies: str = "idproxy"
@@ -73,6 +76,7 @@ class IDProxyOptions:
     store_version: Optional[str] = None
     feature_parts: str = "coarse_fine"
     fine_run: Optional[str] = None
+    history_grad: bool = True
 
 
 def train_impression_counts(ctx: PluginContext, num_items: int) -> np.ndarray:
@@ -110,7 +114,7 @@ class IDProxyPlugin(RankerPlugin):
         return IDProxyConfig(mode=o.mode, use_fine=o.use_fine, cold_threshold=o.cold_threshold,
                              hidden_dim=o.hidden_dim, z_rank=o.z_rank, store=o.store,
                              store_version=o.store_version, feature_parts=o.feature_parts,
-                             fine_run=o.fine_run)
+                             fine_run=o.fine_run, history_grad=o.history_grad)
 
     def cold_mask(self, ctx: PluginContext, num_items: int) -> torch.Tensor:
         counts = train_impression_counts(ctx, num_items)

@@ -548,3 +548,59 @@ def test_stored_fine_proxies_equal_the_live_adaptor(samples, tmp_path, kind):
         torch.testing.assert_close(b.values(), a.values(), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="fine_run"):
         IDProxyConfig(fine_run="runs/v5", store="items.db")
+
+
+@pytest.mark.parametrize("kind", ["dlrm", "target_attention"])
+def test_history_grad_false_trains_the_adaptor_on_the_targets_only(samples, kind):
+    """``history_grad: false``: the same outputs as the paper's joint stage 2, and the
+    adaptor's gradient is exactly the one its target items' p_fine give — what the
+    history slots read is a constant of the step."""
+    cfg = RankerConfig(kind=kind, embedding_dim=D)
+    torch.manual_seed(0)
+    cols = build_collections(samples.layout, cfg)
+    inner = cols.ec if kind == "target_attention" else cols.ebc
+    wrap = IDProxyEmbeddingCollection if kind == "target_attention" else \
+        IDProxyEmbeddingBagCollection
+    p = _proxies()
+    full = wrap(inner, p, IDProxyConfig(z_rank=4))
+    with torch.no_grad():  # away from the identity-like init, so every part matters
+        for prm in full.source.fine.parameters():
+            prm.add_(0.3 * torch.randn_like(prm))
+    split = wrap(inner, p, IDProxyConfig(z_rank=4, history_grad=False))
+    split.source.fine.load_state_dict(full.source.fine.state_dict())
+    kjt = _batch(samples).sparse_features
+    g = torch.Generator().manual_seed(1)
+
+    def fine_parts(out):
+        """(target p_fine, history p_fine) of the wrapper's output."""
+        if kind == "target_attention":
+            return (out["item_id"].values()[:, 2 * D:], out["hist_item_id"].values()[:, 2 * D:])
+        return out["item_id_fine"], out["hist_item_id_fine"]
+
+    a, b = full(kjt), split(kjt)
+    if kind == "target_attention":
+        for k in a:
+            torch.testing.assert_close(b[k].values(), a[k].values())
+    else:
+        torch.testing.assert_close(b.values(), a.values())
+        a, b = a.to_dict(), b.to_dict()
+    t_a, h_a = fine_parts(a)
+    t_b, h_b = fine_parts(b)
+    w_t, w_h = torch.randn(t_a.shape, generator=g), torch.randn(h_a.shape, generator=g)
+    ((t_b * w_t).sum() + (h_b * w_h).sum()).backward()
+    # reference: the joint model's gradient from the target slots alone ...
+    (t_a * w_t).sum().backward(retain_graph=True)
+    params = {n: q for n, q in full.source.fine.named_parameters() if q.requires_grad}
+    assert len(params) == 7  # φ̃: 2 weights, 2 biases; W_g and its bias; W_c
+    for name, prm in split.source.fine.named_parameters():
+        if prm.requires_grad:
+            assert prm.grad is not None, name
+            torch.testing.assert_close(prm.grad, params[name].grad, msg=name)
+    # ... which is not what the history slots add in the joint model
+    before = {n: q.grad.clone() for n, q in params.items()}
+    (h_a * w_h).sum().backward()
+    assert all(not torch.allclose(before[n], q.grad) for n, q in params.items())
+    with pytest.raises(ValueError, match="history_grad false"):
+        IDProxyConfig(mode="swap", history_grad=False)
+    with pytest.raises(ValueError, match="history_grad false"):
+        IDProxyConfig(use_fine=False, history_grad=False)
