@@ -231,9 +231,9 @@ def test_proxies_come_from_the_best_epoch(data_run, tiny_llama, tmp_path, monkey
     last = fit_coarse(data, None, str(tmp_path / "last"),
                       CoarseFitConfig(**{**cfg.to_dict(), "select_best": False}),
                       progress=False, targets=targets)
-    one = fit_coarse(data, None, str(tmp_path / "one"),
-                     CoarseFitConfig(**{**cfg.to_dict(), "epochs": 1}), progress=False,
-                     targets=targets)
+    fit_coarse(data, None, str(tmp_path / "one"),
+               CoarseFitConfig(**{**cfg.to_dict(), "epochs": 1}), progress=False,
+               targets=targets)
     assert best["selected_epoch"] == 1 and best["final"]["epoch"] == 1
     assert last["selected_epoch"] == 2
     p_best, p_last, p_one = (load_proxies(str(tmp_path / n)).p_coarse

@@ -10,7 +10,7 @@ import torch
 from torchrec_mm.idproxy.artifacts import group_basis, save_proxies
 from torchrec_mm.idproxy.test_modules import D, N_ITEMS, _batch
 from torchrec_mm.idproxy.test_modules import _proxies as _raw_proxies
-from torchrec_mm.models.rankers import RankerConfig, RankerTrain
+from torchrec_mm.models.rankers import RankerConfig
 from torchrec_mm.serving.fields import idproxy_schema, write_idproxy_records
 from torchrec_mm.serving.store import ItemStore
 from torchrec_mm.testing import random_samples
