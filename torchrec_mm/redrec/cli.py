@@ -109,6 +109,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    "tower trained jointly (item_embedding=content)")
     p.add_argument("--lm-lr", type=float, help="learning rate of the user LM's layers "
                    "(default: --dense-lr)")
+    p.add_argument("--lm-anchor", type=float, help="L2-SP weight pulling the user LM's "
+                   "layers toward their pretrained weights (default 0: none)")
     p.add_argument("--item-lr", type=float, help="learning rate of the item tower's "
                    "layers (default: --dense-lr)")
     p.add_argument("--item-dropout", type=float, help="dropout of the item tower's layers "

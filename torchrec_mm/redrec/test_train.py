@@ -541,6 +541,31 @@ def test_event_mean_and_lm_lr(env):
         _cfg(env, "x", lm_lr=1e-5, init="frozen")
 
 
+def test_lm_anchor_pulls_the_lm_back_to_its_start(env):
+    """lm_anchor α (L2-SP): with SGD and α = 1/lr every step first returns the LM's
+    weights to θ_0 (θ - lr·α(θ - θ_0) = θ_0) and then applies the step's task gradient,
+    so after several steps they sit one step away from θ_0, while without the anchor
+    they drift by the sum of the steps. The logged loss is the task loss alone."""
+    lr = 0.5
+    kw = dict(dense_optimizer="sgd", dense_lr=lr, max_steps=6, evaluate=False)
+    init = build_model(_cfg(env, "x", **kw)).state_dict()
+    lm = [k for k in init if k.startswith("tower.encoder.lm.") and init[k].is_floating_point()]
+
+    def drift(name: str, **extra) -> float:
+        out = train_redrec(_cfg(env, name, **kw, **extra))
+        _, _, c = read_checkpoint(latest_checkpoint(str(env["root"] / name / "checkpoints")))
+        assert all(np.isfinite(p["loss"]) for p in out["curve"])
+        return float(sum((c["/model/" + k] - init[k]).pow(2).sum() for k in lm)) ** 0.5
+
+    free, anchored = drift("anchor_0"), drift("anchor_1", lm_anchor=1.0 / lr)
+    assert 0 < anchored < 0.6 * free
+    assert _parser().parse_args(["redrec", "train", "--lm-anchor", "0.1"]).lm_anchor == 0.1
+    with pytest.raises(ValueError, match="lm_anchor"):
+        _cfg(env, "x", lm_anchor=-1.0)
+    with pytest.raises(ValueError, match="lm_anchor"):
+        _cfg(env, "x", lm_anchor=1.0, init="frozen")
+
+
 def test_bad_configs(env, tmp_path):
     with pytest.raises(ValueError, match="loss"):
         _cfg(env, "x", loss="triplet")

@@ -243,6 +243,10 @@ class RedRecConfig:
             has no CPU Adam; the rest: ``adam`` or ``sgd``).
         lm_lr: learning rate of the user LM's layers (``None``: ``dense_lr``); the
             queries, projections and temperature keep ``dense_lr``.
+        lm_anchor: α of an L2-SP penalty ``α/2 · Σ ||θ - θ_0||²`` that pulls the user
+            LM's layers toward their weights at the start of training (the pretrained
+            checkpoint; 0: none). Added to the loss that is back-propagated, not to the
+            logged loss.
         world_size / sharding_type: DMP ranks and the planner constraint.
         checkpoint_every: steps between extra checkpoints (0: per epoch and at the end).
         eval_*: evaluation (module doc); eval_index: ``"exact"`` or a faiss
@@ -259,6 +263,7 @@ class RedRecConfig:
     item_states: Optional[str] = None
     item_lr: Optional[float] = None
     lm_lr: Optional[float] = None
+    lm_anchor: float = 0.0
     item_dropout: Optional[float] = 0.0
     item_init: str = "pretrained"
     lm_positions: str = "lm"
@@ -376,6 +381,12 @@ class RedRecConfig:
                 raise ValueError(f"RedRecConfig.{name}: must be finite and > 0, got {value}")
         if self.lm_lr is not None and self.init == "frozen":
             raise ValueError("RedRecConfig.lm_lr: the LM does not train with init='frozen'")
+        if not (self.lm_anchor >= 0 and math.isfinite(self.lm_anchor)):
+            raise ValueError(f"RedRecConfig.lm_anchor: must be finite and >= 0, got "
+                             f"{self.lm_anchor}")
+        if self.lm_anchor > 0 and self.init == "frozen":
+            raise ValueError("RedRecConfig.lm_anchor: the LM does not train with "
+                             "init='frozen'")
         for name in ("dropout", "item_dropout"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value < 1.0:
@@ -905,6 +916,9 @@ def run_rank(cfg: RedRecConfig, ctx: DistContext) -> Dict[str, Any]:
     train_log = EventLog.from_dataset(cfg.data, split_filter="train")
     unsharded = build_model(cfg)
     num_items = unsharded.tower.config.num_items
+    # L2-SP anchor: the LM's weights as built (a resumed run rebuilds the same start)
+    anchor = [(p, p.detach().clone()) for n, p in unsharded.named_parameters()
+              if ".encoder.lm." in f".{n}" and p.requires_grad] if cfg.lm_anchor > 0 else []
     model = _shard(unsharded, cfg, ctx)
     from torchrec_mm.training.trainer import make_optimizer
 
@@ -975,7 +989,11 @@ def run_rank(cfg: RedRecConfig, ctx: DistContext) -> Dict[str, Any]:
             batch = make_batch(train_log, users[sel], t_now[sel], cfg, neg, target_rows)
             loss, _, _ = model(batch.to(ctx.device))
             optimizer.zero_grad()
-            loss.backward()
+            if anchor:
+                (loss + 0.5 * cfg.lm_anchor * sum((p - p0).pow(2).sum() for p, p0 in anchor)
+                 ).backward()
+            else:
+                loss.backward()
             optimizer.step()
             inner.tau.clamp_()
             value = float(loss.detach())
