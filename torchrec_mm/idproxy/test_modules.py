@@ -509,13 +509,9 @@ def test_v4_stage1_in_slots_stage2_as_features(samples, tmp_path):
     assert ec.embedding_collection.embeddings["t_item_id"].weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("kind", ["dlrm", "target_attention"])
-def test_stored_fine_proxies_equal_the_live_adaptor(samples, tmp_path, kind):
-    """``fine_run``: p_fine of every item computed once by the run's adaptor (read from
-    the run's checkpoint) and served from a frozen table gives the wrappers' outputs of
-    the live adaptor, with no trainable proxy parameter."""
-    from torchrec_mm.training.checkpoint import save_checkpoint
-
+def _trained_wrapper(samples, kind):
+    """(inner collection, wrapper class, proxies, wrapper of the inner collection whose
+    adaptor is moved away from its identity-like init, as a trained one would be)."""
     cfg = RankerConfig(kind=kind, embedding_dim=D)
     torch.manual_seed(0)
     cols = build_collections(samples.layout, cfg)
@@ -524,10 +520,21 @@ def test_stored_fine_proxies_equal_the_live_adaptor(samples, tmp_path, kind):
         IDProxyEmbeddingBagCollection
     p = _proxies()
     live = wrap(inner, p, IDProxyConfig(z_rank=4))
-    with torch.no_grad():  # a "trained" adaptor: away from its identity-like init
+    with torch.no_grad():
         for m in (live.source.fine.adaptor, live.source.fine.gate, live.source.fine.coarse_map):
             for prm in m.parameters():
                 prm.add_(0.3 * torch.randn_like(prm))
+    return inner, wrap, p, live
+
+
+@pytest.mark.parametrize("kind", ["dlrm", "target_attention"])
+def test_stored_fine_proxies_equal_the_live_adaptor(samples, tmp_path, kind):
+    """``fine_run``: p_fine of every item computed once by the run's adaptor (read from
+    the run's checkpoint) and served from a frozen table gives the wrappers' outputs of
+    the live adaptor, with no trainable proxy parameter."""
+    from torchrec_mm.training.checkpoint import save_checkpoint
+
+    inner, wrap, p, live = _trained_wrapper(samples, kind)
     # the run's checkpoint, as the trainer writes it (the basis is not in it: this
     # artefact has none, so the loader recomputes it from the catalogue as the run did)
     run = str(tmp_path / "v5")
@@ -555,17 +562,7 @@ def test_history_grad_false_trains_the_adaptor_on_the_targets_only(samples, kind
     """``history_grad: false``: the same outputs as the paper's joint stage 2, and the
     adaptor's gradient is exactly the one its target items' p_fine give — what the
     history slots read is a constant of the step."""
-    cfg = RankerConfig(kind=kind, embedding_dim=D)
-    torch.manual_seed(0)
-    cols = build_collections(samples.layout, cfg)
-    inner = cols.ec if kind == "target_attention" else cols.ebc
-    wrap = IDProxyEmbeddingCollection if kind == "target_attention" else \
-        IDProxyEmbeddingBagCollection
-    p = _proxies()
-    full = wrap(inner, p, IDProxyConfig(z_rank=4))
-    with torch.no_grad():  # away from the identity-like init, so every part matters
-        for prm in full.source.fine.parameters():
-            prm.add_(0.3 * torch.randn_like(prm))
+    inner, wrap, p, full = _trained_wrapper(samples, kind)
     split = wrap(inner, p, IDProxyConfig(z_rank=4, history_grad=False))
     split.source.fine.load_state_dict(full.source.fine.state_dict())
     kjt = _batch(samples).sparse_features
