@@ -799,6 +799,16 @@ class IDProxyEmbeddingBagCollection(nn.Module):
     def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
         return list(self.embedding_bag_collection.embedding_bag_configs()) + self._extra
 
+    def _with_proxies(self, kt: KeyedTensor, t_pc: torch.Tensor, h_pc: torch.Tensor,
+                      t_pf: Optional[torch.Tensor] = None,
+                      h_pf: Optional[torch.Tensor] = None) -> KeyedTensor:
+        """``kt`` with the proxy keys appended (``extra_keys``' order): p_coarse / p_fine
+        [B, d] of the target (``t_``) and the pooled history (``h_``)."""
+        item, hist = self.keys
+        value = {f"{item}_coarse": t_pc, f"{hist}_coarse": h_pc, f"{item}_fine": t_pf,
+                 f"{hist}_fine": h_pf}
+        return _rebuild_kt(kt, {}, self.extra_keys, [value[k] for k in self.extra_keys])
+
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         n_items = self.source.num_items()
         t_ids, _ = _feature_ids(features, self.keys[0])
@@ -806,43 +816,33 @@ class IDProxyEmbeddingBagCollection(nn.Module):
         t_ids = _check_ids(t_ids, n_items, self.table_name, self.keys[0])
         h_ids = _check_ids(h_ids, n_items, self.table_name, self.keys[1])
         n_t = t_ids.shape[0]
-        if self.config.mode in ("augment", "feature") and self.source.fixed_fine:
-            kt = self.embedding_bag_collection(features)
-            # stored p_coarse | p_fine, frozen: one gather and one pooling, no backward
-            index, table, _ = self.source.rows(torch.cat([t_ids, h_ids]))
-            t = table.index_select(0, index[:n_t])
-            h = jagged.gather_pool(table, index[n_t:], h_len, "mean")
-            d = self.source.dim
-            if self.config.feature_parts == "fine":
-                return _rebuild_kt(kt, {}, self.extra_keys, [t[:, d:], h[:, d:]])
-            return _rebuild_kt(kt, {}, self.extra_keys, [t[:, :d], t[:, d:], h[:, :d], h[:, d:]])
-        if self.config.mode in ("augment", "feature") and not self.config.history_grad:
-            kt = self.embedding_bag_collection(features)
-            index, pc, gated_t, gated = self.source.split_parts(torch.cat([t_ids, h_ids]), n_t)
-            t_pc = pc.index_select(0, index[:n_t])
-            h_pc = jagged.gather_pool(pc, index[n_t:], h_len, "mean")
-            t_pf = self.source.fine_map(t_pc) + gated_t
-            # no gradient: the pooling is one embedding_bag without backward
-            h_pf = _fine_no_grad(self.source, h_pc,
-                                 jagged.gather_pool(gated, index[n_t:], h_len, "mean"))
-            if self.config.feature_parts == "fine":
-                return _rebuild_kt(kt, {}, self.extra_keys, [t_pf, h_pf])
-            return _rebuild_kt(kt, {}, self.extra_keys, [t_pc, t_pf, h_pc, h_pf])
         if self.config.mode in ("augment", "feature"):
             kt = self.embedding_bag_collection(features)
-            index, pc, gated, _ = self.source.parts(torch.cat([t_ids, h_ids]))
+            ids = torch.cat([t_ids, h_ids])
+            if self.source.fixed_fine:
+                # stored p_coarse | p_fine, frozen: one gather and one pooling, no backward
+                index, table, _ = self.source.rows(ids)
+                t = table.index_select(0, index[:n_t])
+                h = jagged.gather_pool(table, index[n_t:], h_len, "mean")
+                d = self.source.dim
+                return self._with_proxies(kt, t[:, :d], h[:, :d], t[:, d:], h[:, d:])
+            if self.config.history_grad:
+                index, pc, gated, _ = self.source.parts(ids)
+                t_gated = None if gated is None else gated.index_select(0, index[:n_t])
+            else:
+                index, pc, t_gated, gated = self.source.split_parts(ids, n_t)
             # p_coarse is frozen: its pooling has no backward
             t_pc = pc.index_select(0, index[:n_t])
             h_pc = jagged.gather_pool(pc, index[n_t:], h_len, "mean")
             if gated is None:
-                return _rebuild_kt(kt, {}, self.extra_keys, [t_pc, h_pc])
-            # p_fine = W_c p_coarse + gated, W_c linear: pooled once, after the mean
-            t_pf = self.source.fine_map(t_pc) + gated.index_select(0, index[:n_t])
-            h_pf = self.source.fine_map(h_pc) + \
-                jagged.gather_pool(gated, index[n_t:], h_len, "mean")
-            if self.config.feature_parts == "fine":
-                return _rebuild_kt(kt, {}, self.extra_keys, [t_pf, h_pf])
-            return _rebuild_kt(kt, {}, self.extra_keys, [t_pc, t_pf, h_pc, h_pf])
+                return self._with_proxies(kt, t_pc, h_pc)
+            # p_fine = W_c p_coarse + gated, W_c linear: pooled once, after the mean;
+            # without history_grad the history's gated rows are constants (no backward)
+            h_gated = jagged.gather_pool(gated, index[n_t:], h_len, "mean")
+            h_pf = (self.source.fine_map(h_pc) + h_gated if self.config.history_grad
+                    else _fine_no_grad(self.source, h_pc, h_gated))
+            return self._with_proxies(kt, t_pc, h_pc, self.source.fine_map(t_pc) + t_gated,
+                                      h_pf)
         index, table, use = self.source.proxy_rows(torch.cat([t_ids, h_ids]))
         h_use = use[n_t:]
         kt = self.embedding_bag_collection(

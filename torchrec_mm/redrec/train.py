@@ -379,14 +379,13 @@ class RedRecConfig:
             value = getattr(self, name)
             if value is not None and not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"RedRecConfig.{name}: must be finite and > 0, got {value}")
-        if self.lm_lr is not None and self.init == "frozen":
-            raise ValueError("RedRecConfig.lm_lr: the LM does not train with init='frozen'")
         if not (self.lm_anchor >= 0 and math.isfinite(self.lm_anchor)):
             raise ValueError(f"RedRecConfig.lm_anchor: must be finite and >= 0, got "
                              f"{self.lm_anchor}")
-        if self.lm_anchor > 0 and self.init == "frozen":
-            raise ValueError("RedRecConfig.lm_anchor: the LM does not train with "
-                             "init='frozen'")
+        for name, used in (("lm_lr", self.lm_lr is not None), ("lm_anchor", self.lm_anchor > 0)):
+            if used and self.init == "frozen":
+                raise ValueError(f"RedRecConfig.{name}: the LM does not train with "
+                                 "init='frozen'")
         for name in ("dropout", "item_dropout"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value < 1.0:
@@ -718,6 +717,10 @@ class _TowerSharders:
         return [UserTowerSharder(device_type=device.type)]
 
 
+#: the user LM's parameters (the name fragment of ``lm_lr`` / ``lm_anchor``)
+LM_PARAMS = "encoder.lm."
+
+
 def _shard(model: RedRecModel, cfg: RedRecConfig, ctx: DistContext) -> nn.Module:
     from torchrec_mm.training.trainer import shard_model
 
@@ -918,12 +921,12 @@ def run_rank(cfg: RedRecConfig, ctx: DistContext) -> Dict[str, Any]:
     num_items = unsharded.tower.config.num_items
     # L2-SP anchor: the LM's weights as built (a resumed run rebuilds the same start)
     anchor = [(p, p.detach().clone()) for n, p in unsharded.named_parameters()
-              if ".encoder.lm." in f".{n}" and p.requires_grad] if cfg.lm_anchor > 0 else []
+              if LM_PARAMS in n and p.requires_grad] if cfg.lm_anchor > 0 else []
     model = _shard(unsharded, cfg, ctx)
     from torchrec_mm.training.trainer import make_optimizer
 
     dense_lrs = {frag: lr for frag, lr in (("item_tower.", cfg.item_lr),
-                                           ("encoder.lm.", cfg.lm_lr)) if lr is not None}
+                                           (LM_PARAMS, cfg.lm_lr)) if lr is not None}
     optimizer = make_optimizer(model, cfg, dense_lrs)  # type: ignore[arg-type]  # duck-typed
     ckpt_root = os.path.join(cfg.out, "checkpoints")
     latest = ckpt.latest_checkpoint(ckpt_root) if cfg.resume else None
@@ -989,11 +992,9 @@ def run_rank(cfg: RedRecConfig, ctx: DistContext) -> Dict[str, Any]:
             batch = make_batch(train_log, users[sel], t_now[sel], cfg, neg, target_rows)
             loss, _, _ = model(batch.to(ctx.device))
             optimizer.zero_grad()
-            if anchor:
-                (loss + 0.5 * cfg.lm_anchor * sum((p - p0).pow(2).sum() for p, p0 in anchor)
-                 ).backward()
-            else:
-                loss.backward()
+            # + the L2-SP penalty (0 without an anchor); the logged loss stays the task's
+            (loss + 0.5 * cfg.lm_anchor * sum((p - p0).pow(2).sum() for p, p0 in anchor)
+             ).backward()
             optimizer.step()
             inner.tau.clamp_()
             value = float(loss.detach())
