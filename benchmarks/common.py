@@ -30,6 +30,24 @@ def median_time(fn: Callable[[], Any], repeat: int = 5, warmup: int = 1,
     return statistics.median(times)
 
 
+def interleaved_median_times(fns: Dict[str, Callable[[], Any]], repeat: int = 5,
+                             warmup: int = 1, inner: int = 1) -> Dict[str, float]:
+    """Median seconds per call of every ``fns[name]``, timed round-robin: each of the
+    ``repeat`` rounds times ``inner`` calls of every function in turn, so a slow spell
+    of a shared machine falls on all of them alike and their ratios stay comparable."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            times[name].append((time.perf_counter() - t) / inner)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def write_result(name: str, result: Dict[str, Any], out: str = "") -> str:
     """Writes ``result`` (plus machine info) as JSON; returns the path."""
     path = out or os.path.join(RESULTS_DIR, f"{name}.json")

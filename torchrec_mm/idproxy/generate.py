@@ -83,7 +83,7 @@ def load_fine_proxy(run_dir: str, proxies: Proxies) -> FineProxy:
 def catalogue_fine_proxies(fine: FineProxy, proxies: Proxies, batch_size: int = 65536
                            ) -> torch.Tensor:
     """[N, d] p_fine of every item of the artefact (zero for items without content),
-    as the deployment writes them to online storage (paper §3.3)."""
+    as the deployment writes them to online storage (paper §3.2.4)."""
     n = proxies.num_items
     out = torch.zeros(n, proxies.dim)
     for lo in range(0, n, batch_size):

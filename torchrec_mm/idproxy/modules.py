@@ -111,7 +111,7 @@ class IDProxyConfig:
             embedding; only ``id_embedding`` (keep the ID embedding) is supported.
         fine_run: a ranker run trained with this plugin and ``use_fine``: its trained
             adaptor computes p_fine once for every item, and the fine proxies are then a
-            frozen table like p_coarse (the paper's deployment, §3.3: the adaptor is
+            frozen table like p_coarse (the paper's deployment, §3.2.4: the adaptor is
             trained offline once, proxies are written to storage and the production
             ranker — continually trained — retrieves them by ID). None: the adaptor
             trains with the ranker (stage 2).
