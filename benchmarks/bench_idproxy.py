@@ -89,6 +89,8 @@ def main() -> None:
     ap.add_argument("--skip-train", action="store_true", help="only the generation benchmarks")
     ap.add_argument("--sizes", default="small,dlrm",
                     help=f"base ranker sizes for the train-step ratio ({', '.join(RANKER_SIZES)})")
+    ap.add_argument("--kinds", default="dlrm,target_attention",
+                    help="rankers for the train-step ratio (dlrm, target_attention)")
     ap.add_argument("--item-zipf", type=float, default=0.0,
                     help="items drawn by a Zipf popularity with this exponent (0: uniform, "
                          "the most distinct items per batch); the train-step ratio "
@@ -106,7 +108,7 @@ def main() -> None:
     results = {}
     cases = [] if args.skip_train else [
         (size, kind, batch_size) for size in args.sizes.split(",")
-        for kind in ("dlrm", "target_attention") for batch_size in (512, 2048)]
+        for kind in args.kinds.split(",") for batch_size in (512, 2048)]
     tmp = tempfile.TemporaryDirectory(prefix="bench_idproxy_")
     run_dir = os.path.join(tmp.name, "v5_run")
     for size, kind, batch_size in cases:

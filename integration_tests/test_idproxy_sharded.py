@@ -39,6 +39,7 @@ from torchrec_mm.testing import (
     sharded_sgd_run,
 )
 from torchrec_mm.training.distributed import init_distributed, spawn
+from torchrec_mm.training.checkpoint import save_checkpoint
 from torchrec_mm.training.trainer import TrainConfig, build_model
 
 WORLD = 2
@@ -59,7 +60,13 @@ CASES = [
     # augment with history_grad false: the adaptor's gradient from the targets only
     ("target_attention", "table_wise", "augment_target_grad"),
     ("dlrm", "row_wise", "augment_target_grad"),
+    # stored fine proxies (fine_run): DLRM's slots from one frozen, MEAN-pooled table
+    # (t_idproxy_stored), row-wise sharded; target attention reads t_idproxy_inputs
+    ("dlrm", "row_wise", "augment_stored"),
+    ("target_attention", "table_wise", "augment_stored"),
 ]
+#: the frozen table of each mode's proxies (what the planner must shard)
+FROZEN_TABLE = {"augment_stored": {"dlrm": "t_idproxy_stored"}}
 # also trained through TrainPipelineSparseDist (swap feeds the EBC a filtered KJT, so
 # that EBC's input dist is not prefetched; training must still be the same)
 PIPELINED = [("target_attention", "table_wise", "augment"), ("dlrm", "row_wise", "swap")]
@@ -72,15 +79,26 @@ def _write_inputs(out_dir: str) -> None:
     save_proxies(os.path.join(out_dir, "proxies"), Proxies(
         p_coarse=torch.nn.functional.normalize(torch.randn(NUM_ITEMS, DIM, generator=g), dim=1),
         z_groups=torch.randn(NUM_ITEMS, 3, 12, generator=g), has_content=has))
-    for mode in ("augment", "swap", "cold_only", "augment_target_grad"):
+    for mode in ("augment", "swap", "cold_only", "augment_target_grad", "augment_stored"):
         options = {"proxies": os.path.join(out_dir, "proxies"), "mode": mode, "hidden_dim": 16}
         if mode == "cold_only":
             options["cold_threshold"] = COLD_THRESHOLD
         if mode == "augment_target_grad":
             options.update(mode="augment", history_grad=False)
+        if mode == "augment_stored":
+            options.update(mode="augment", fine_run=os.path.join(out_dir, "v5_run"))
         spec = {"plugins": [{"name": "idproxy", "options": options}]}
         with open(os.path.join(out_dir, f"{mode}.yaml"), "w") as f:
             yaml.safe_dump(spec, f)
+    # the stage-2 run fine_run reads: a v5 model whose adaptor is away from its init
+    model, _ = build_model(_config("dlrm", "row_wise", "augment", out_dir),
+                           _samples().layout)
+    with torch.no_grad():
+        for name, prm in model.named_parameters():
+            if "source.fine." in name:
+                prm.add_(0.3 * torch.randn(prm.shape, generator=g))
+    save_checkpoint(os.path.join(out_dir, "v5_run", "checkpoints"), 1,
+                    {"model": model.state_dict()}, keep=1)
 
 
 def _config(kind: str, sharding: str, mode: str, out_dir: str) -> TrainConfig:
@@ -122,6 +140,9 @@ def _reference(kind: str, sharding: str, mode: str, out_dir: str, samples,
     model, losses, final, initial = reference_sgd_run(
         cfg, samples, WORLD, STEPS, _eval_rows(samples), emb_lr_scale)
     fine = {n: p for n, p in model.named_parameters() if "source.fine." in n}
+    if mode == "augment_stored":
+        assert not fine, "stored fine proxies have no adaptor"
+        return losses, final, initial
     assert fine, "the fine-proxy adaptor must be trained as a dense module"
     torch.manual_seed(cfg.seed)
     untrained, _ = build_model(cfg, samples.layout, samples)
@@ -146,7 +167,7 @@ def test_two_rank_idproxy_matches_single_process(shared_dir, kind, sharding, mod
     ref_loss, ref_score, initial = _reference(kind, sharding, mode, shared_dir, samples)
     assert sharding in got["plan"]
     # the frozen proxy inputs are a table the planner shards, not replicated buffers
-    assert "t_idproxy_inputs" in got["plan"]
+    assert FROZEN_TABLE.get(mode, {}).get(kind, "t_idproxy_inputs") in got["plan"]
     # fbgemm's fused kernels sum in another order than nn.EmbeddingBag: float drift
     np.testing.assert_allclose(got["loss"], ref_loss, rtol=0, atol=1e-4)
     np.testing.assert_allclose(got["score"], ref_score, rtol=0, atol=5e-4)

@@ -49,6 +49,11 @@ states) live in one embedding table, ``t_idproxy_inputs`` (:class:`ProxyInputs`,
 ``EmbeddingCollection`` child), so ``DistributedModelParallel`` shards them with the
 planner like the ID tables rather than replicating them on every rank; each call looks
 up only the distinct items it needs, detached (frozen: no gradient, no optimizer state).
+Stored fine proxies (``fine_run``) in a pooled wrapper (DLRM, mode augment / feature)
+are instead one frozen, MEAN-pooled table ``t_idproxy_stored`` of an
+``EmbeddingBagCollection`` (:class:`StoredProxyBags`) over ``concat(p_coarse, p_fine)``:
+the slots need only the target's row and the history's mean, which one pooled lookup
+of the item and history features gives.
 
 Fallback for items without content (``has_content`` False): wherever the proxy would
 *replace* an ID embedding (``swap``, ``cold_only``), such an item keeps its ID
@@ -75,7 +80,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
-from torchrec.modules.embedding_modules import EmbeddingCollection
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from torchrec_mm.utils import jagged
@@ -258,6 +263,70 @@ class ProxyInputs(nn.Module):
     def forward(self, rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         values = _lookup_values(self.table(_rows_kjt(rows)))
         return values[:, :self.columns], values[:, self.columns] > 0.5
+
+
+STORED_TABLE = "t_idproxy_stored"
+
+
+@torch.fx.wrap
+def _item_kjt(keys: List[str], t_ids: torch.Tensor, t_len: torch.Tensor,
+              h_ids: torch.Tensor, h_len: torch.Tensor) -> KeyedJaggedTensor:
+    """The target and history ids as a KJT of those two keys (the stored table's input)."""
+    return KeyedJaggedTensor(keys=keys, values=torch.cat([t_ids, h_ids]).long(),
+                             lengths=torch.cat([t_len, h_len]).long())
+
+
+@torch.fx.wrap
+def _bag_values(kt: KeyedTensor, keys: List[str], width: int
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+    # detached: the table is frozen, and no gradient means no fused-optimizer update
+    return kt[keys[0]][:, :width].detach(), kt[keys[1]][:, :width].detach()
+
+
+class StoredProxyBags(nn.Module):
+    """Stored proxies (``fine_run``) for a pooled ranker: ``concat(p_coarse, p_fine)``
+    [N, 2d] of every item as one frozen, MEAN-pooled table (``t_idproxy_stored``) of an
+    ``EmbeddingBagCollection`` child serving the item and the history feature, so one
+    pooled lookup (fbgemm TBE, sharded by the planner like the ID tables) gives the
+    target's proxies and the history's mean — no distinct-item step, no gather.
+
+    Args:
+        columns: [N, c] the stored vectors, zero rows for items without content (their
+            proxy slots are zero; a history's mean counts them as zeros, as the
+            distinct-row path does).
+        features: the item and the history feature.
+
+    ``forward(t_ids [B], t_len [B], h_ids [n], h_len [B]) -> (target [B, c], history
+    [B, c])``, detached (frozen: no gradient, no optimizer state); an empty history
+    gives zeros.
+    """
+
+    def __init__(self, columns: torch.Tensor, features: List[str],
+                 device: Optional[torch.device] = None) -> None:
+        super().__init__()
+        n, c = columns.shape
+        self.columns = int(c)
+        self.features = list(features)
+        # the random init is overwritten: do not consume the global RNG
+        with torch.random.fork_rng(devices=[]):
+            self.bags = EmbeddingBagCollection(tables=[EmbeddingBagConfig(
+                name=STORED_TABLE, embedding_dim=-(-c // 4) * 4, num_embeddings=n,
+                feature_names=self.features, pooling=PoolingType.MEAN)], device=device)
+        weight = self.bags.embedding_bags[STORED_TABLE].weight
+        with torch.no_grad():
+            weight.zero_()
+            weight[:, :c].copy_(columns)
+        weight.requires_grad_(False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """[N, c] (unsharded module only)."""
+        return self.bags.embedding_bags[STORED_TABLE].weight[:, :self.columns]
+
+    def forward(self, t_ids: torch.Tensor, t_len: torch.Tensor, h_ids: torch.Tensor,
+                h_len: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        kt = self.bags(_item_kjt(self.features, t_ids, t_len, h_ids, h_len))
+        return _bag_values(kt, self.features, self.columns)
 
 
 @torch.fx.wrap
@@ -538,7 +607,8 @@ class _ProxySource(nn.Module):
     per-item masks ``use_proxy`` (the items whose ID embedding a proxy replaces)."""
 
     def __init__(self, proxies: Proxies, config: IDProxyConfig, table: str,
-                 table_dim: int, table_rows: int, cold: Optional[torch.Tensor]) -> None:
+                 table_dim: int, table_rows: int, cold: Optional[torch.Tensor],
+                 pooled: bool = False) -> None:
         super().__init__()
         if proxies.dim != table_dim:
             raise ValueError(f"idproxy: proxies have dim {proxies.dim} but table '{table}' "
@@ -568,14 +638,21 @@ class _ProxySource(nn.Module):
             use_proxy = torch.zeros(n, dtype=torch.bool)
         self.register_buffer("use_proxy", use_proxy, persistent=False)
         self.fine: Optional[FineProxy] = None
+        self.bags = None
         #: p_fine stored with p_coarse in one frozen table (``fine_run``)
         self.fixed_fine = bool(config.fine_run)
         if self.fixed_fine:
             from torchrec_mm.idproxy.generate import catalogue_fine_proxies, load_fine_proxy
 
             p_fine = catalogue_fine_proxies(load_fine_proxy(config.fine_run, proxies), proxies)
-            self.coarse = ProxyInputs(torch.cat([proxies.p_coarse.float(), p_fine], 1),
-                                      has_content)
+            stored = torch.cat([proxies.p_coarse.float(), p_fine], 1)
+            if pooled and config.mode in ("augment", "feature"):
+                # the pooled slots need only the target's row and the history's mean
+                self.bags: Optional[StoredProxyBags] = StoredProxyBags(
+                    stored * has_content.unsqueeze(1).to(stored.dtype),
+                    [config.item_feature, config.history_feature])
+            else:
+                self.coarse = ProxyInputs(stored, has_content)
         elif config.use_fine:
             self.fine = FineProxy(proxies.p_coarse, proxies.z_groups, config.hidden_dim,
                                   z_rank=config.z_rank, z_mean=proxies.z_mean,
@@ -779,7 +856,7 @@ class IDProxyEmbeddingBagCollection(nn.Module):
                                  f"got {table.pooling}")
         self.table_name = table.name
         self.source = _ProxySource(proxies, config, table.name, table.embedding_dim,
-                                   table.num_embeddings, cold)
+                                   table.num_embeddings, cold, pooled=True)
         self.keys: List[str] = [config.item_feature, config.history_feature]
         self.extra_keys: List[str] = []
         self._extra: List[EmbeddingBagConfig] = []
@@ -811,21 +888,19 @@ class IDProxyEmbeddingBagCollection(nn.Module):
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         n_items = self.source.num_items()
-        t_ids, _ = _feature_ids(features, self.keys[0])
+        t_ids, t_len = _feature_ids(features, self.keys[0])
         h_ids, h_len = _feature_ids(features, self.keys[1])
         t_ids = _check_ids(t_ids, n_items, self.table_name, self.keys[0])
         h_ids = _check_ids(h_ids, n_items, self.table_name, self.keys[1])
         n_t = t_ids.shape[0]
         if self.config.mode in ("augment", "feature"):
             kt = self.embedding_bag_collection(features)
-            ids = torch.cat([t_ids, h_ids])
-            if self.source.fixed_fine:
-                # stored p_coarse | p_fine, frozen: one gather and one pooling, no backward
-                index, table, _ = self.source.rows(ids)
-                t = table.index_select(0, index[:n_t])
-                h = jagged.gather_pool(table, index[n_t:], h_len, "mean")
+            if self.source.bags is not None:
+                # stored p_coarse | p_fine, frozen: one pooled lookup, no backward
+                t, h = self.source.bags(t_ids, t_len, h_ids, h_len)
                 d = self.source.dim
                 return self._with_proxies(kt, t[:, :d], h[:, :d], t[:, d:], h[:, d:])
+            ids = torch.cat([t_ids, h_ids])
             if self.config.history_grad:
                 index, pc, gated, _ = self.source.parts(ids)
                 t_gated = None if gated is None else gated.index_select(0, index[:n_t])
