@@ -52,7 +52,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import interleaved_median_times, median_time, write_result  # noqa: E402
+from common import interleaved_median_times, median_time, train_step  # noqa: E402
+from common import write_result  # noqa: E402
 
 from torchrec_mm.idproxy.artifacts import Proxies  # noqa: E402
 from torchrec_mm.idproxy.modules import FineProxy  # noqa: E402
@@ -137,7 +138,7 @@ def main() -> None:
                 opt = make_optimizer(model, train_cfg)
             else:
                 opt = torch.optim.Adagrad(model.parameters(), lr=0.01)
-            steps[variant] = _train_step(model, opt, batch)
+            steps[variant] = train_step(model, opt, batch)
         # what the per-item adaptor alone costs: its forward + backward (φ̃, gate, W_c)
         # over the batch's distinct items, the part of the v5 step that cannot shrink
         # without a smaller adaptor or fewer distinct items per step
@@ -194,16 +195,6 @@ def main() -> None:
                                        "raw_text_vs_hf": 0.9},
                              "item_zipf": args.item_zipf, "step": args.step,
                              "results": results}, args.out)
-
-
-def _train_step(model, opt, batch):
-    def step() -> None:
-        loss, _ = model(batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    return step
 
 
 def _build(layout, cfg: RankerConfig, proxies: Proxies, options, wide: bool = False):

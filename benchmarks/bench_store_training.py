@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import median_time, write_result  # noqa: E402
+from common import median_time, train_step, write_result  # noqa: E402
 
 from torchrec_mm.idproxy.artifacts import Proxies, group_basis  # noqa: E402
 from torchrec_mm.models.rankers import RankerConfig, RankerTrain, build_collections  # noqa: E402
@@ -54,14 +54,7 @@ def _step_fn(samples, kind, proxies, store, batch):
     cols = apply_plugins(build_collections(samples.layout, cfg), spec, ctx)
     model = RankerTrain(build_ranker(samples.layout, cfg, collections=cols))
     opt = torch.optim.Adagrad([p for p in model.parameters() if p.requires_grad], lr=0.01)
-
-    def step() -> None:
-        loss, _ = model(batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    return step
+    return train_step(model, opt, batch)
 
 
 def main() -> None:

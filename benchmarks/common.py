@@ -48,6 +48,18 @@ def interleaved_median_times(fns: Dict[str, Callable[[], Any]], repeat: int = 5,
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def train_step(model: Any, opt: Any, batch: Any) -> Callable[[], None]:
+    """One training step of ``model`` (``forward(batch) -> (loss, ...)``) with ``opt``,
+    as a function of no arguments (for the timers above)."""
+    def step() -> None:
+        loss, _ = model(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return step
+
+
 def write_result(name: str, result: Dict[str, Any], out: str = "") -> str:
     """Writes ``result`` (plus machine info) as JSON; returns the path."""
     path = out or os.path.join(RESULTS_DIR, f"{name}.json")
