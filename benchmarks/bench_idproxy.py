@@ -57,13 +57,14 @@ from common import write_result  # noqa: E402
 
 from torchrec_mm.idproxy.artifacts import Proxies  # noqa: E402
 from torchrec_mm.idproxy.modules import FineProxy  # noqa: E402
-from torchrec_mm.models.rankers import RankerConfig, build_collections, build_ranker  # noqa: E402
+from torchrec_mm.models.rankers import RankerConfig, build_ranker  # noqa: E402
 from torchrec_mm.models.rankers import RankerTrain, table_configs  # noqa: E402
-from torchrec_mm.plugins import PluginContext, apply_plugins, parse_spec  # noqa: E402
+from torchrec_mm.plugins import parse_spec  # noqa: E402
 from torchrec_mm.testing import random_samples  # noqa: E402
 from torchrec_mm.training.checkpoint import save_checkpoint  # noqa: E402
 from torchrec_mm.training.distributed import init_distributed  # noqa: E402
-from torchrec_mm.training.trainer import TrainConfig, make_optimizer, shard_model  # noqa: E402
+from torchrec_mm.training.trainer import TrainConfig, build_model, make_optimizer  # noqa: E402
+from torchrec_mm.training.trainer import shard_model  # noqa: E402
 
 D_CONTENT, GROUPS = 384, 3
 #: the base ranker's size. ``small``: 32-d tables and small MLPs, the item features are
@@ -126,14 +127,14 @@ def main() -> None:
             if variant == "v5_target_grad":
                 options["history_grad"] = False
             with_plugin = variant in ("v5", "v5_target_grad", "v5_stored")
-            model, plugins = _build(samples.layout, cfg, proxies, options if with_plugin
+            train_cfg = TrainConfig(data="-", out="-", ranker=cfg, batch_size=batch_size,
+                                    progress=False)
+            model, plugins = _build(samples.layout, train_cfg, proxies, options if with_plugin
                                     else None, wide=variant == "base_wide")
             if variant == "v5":  # the stage-2 run v5_stored reads (its adaptor's weights)
                 save_checkpoint(os.path.join(run_dir, "checkpoints"), 1,
                                 {"model": model.state_dict()}, keep=1)
             if dist_ctx is not None:
-                train_cfg = TrainConfig(data="-", out="-", ranker=cfg, batch_size=batch_size,
-                                        progress=False)
                 model = shard_model(model, train_cfg, dist_ctx, plugins)
                 opt = make_optimizer(model, train_cfg)
             else:
@@ -197,22 +198,20 @@ def main() -> None:
                              "results": results}, args.out)
 
 
-def _build(layout, cfg: RankerConfig, proxies: Proxies, options, wide: bool = False):
-    """(RankerTrain, plugin instances): the ranker built as ``build_model`` builds it —
-    tables, collections and model through every phase of the plugin (``options``: the
-    idproxy plugin's, None: the base ranker); ``wide``: the sequence tables 3x wider."""
-    torch.manual_seed(0)
-    ctx = PluginContext(layout=layout, ranker=cfg, extras={"idproxy_proxies": proxies})
-    spec = parse_spec({"plugins": [{"name": "idproxy", "options": options}]
-                       if options is not None else []})
-    plugins = spec.instantiate()
-    tables = apply_plugins(table_configs(layout, cfg), spec, ctx, plugins)
+def _build(layout, train_cfg: TrainConfig, proxies: Proxies, options, wide: bool = False):
+    """(RankerTrain, plugin instances) as ``torchrec-mm train`` builds them
+    (``trainer.build_model``; ``options``: the idproxy plugin's, None: the base ranker);
+    ``wide``: the base ranker with 3x wider sequence tables."""
     if wide:
+        cfg = train_cfg.ranker
+        torch.manual_seed(train_cfg.seed)
+        tables = table_configs(layout, cfg)
         tables.sequence = [dataclasses.replace(t, embedding_dim=3 * t.embedding_dim)
                            for t in tables.sequence]
-    cols = apply_plugins(build_collections(layout, cfg, tables=tables), spec, ctx, plugins)
-    model = apply_plugins(build_ranker(layout, cfg, collections=cols), spec, ctx, plugins)
-    return RankerTrain(model), plugins
+        return RankerTrain(build_ranker(layout, cfg, tables=tables)), []
+    spec = parse_spec({"plugins": [{"name": "idproxy", "options": options}]
+                       if options is not None else []})
+    return build_model(train_cfg, layout, spec=spec, extras={"idproxy_proxies": proxies})
 
 
 def bench_raw_text(n: int) -> dict:

@@ -65,8 +65,8 @@ CASES = [
     ("dlrm", "row_wise", "augment_stored"),
     ("target_attention", "table_wise", "augment_stored"),
 ]
-#: the frozen table of each mode's proxies (what the planner must shard)
-FROZEN_TABLE = {"augment_stored": {"dlrm": "t_idproxy_stored"}}
+#: the frozen proxy table the planner must shard, where it is not t_idproxy_inputs
+FROZEN_TABLE = {("dlrm", "augment_stored"): "t_idproxy_stored"}
 # also trained through TrainPipelineSparseDist (swap feeds the EBC a filtered KJT, so
 # that EBC's input dist is not prefetched; training must still be the same)
 PIPELINED = [("target_attention", "table_wise", "augment"), ("dlrm", "row_wise", "swap")]
@@ -167,7 +167,7 @@ def test_two_rank_idproxy_matches_single_process(shared_dir, kind, sharding, mod
     ref_loss, ref_score, initial = _reference(kind, sharding, mode, shared_dir, samples)
     assert sharding in got["plan"]
     # the frozen proxy inputs are a table the planner shards, not replicated buffers
-    assert FROZEN_TABLE.get(mode, {}).get(kind, "t_idproxy_inputs") in got["plan"]
+    assert FROZEN_TABLE.get((kind, mode), "t_idproxy_inputs") in got["plan"]
     # fbgemm's fused kernels sum in another order than nn.EmbeddingBag: float drift
     np.testing.assert_allclose(got["loss"], ref_loss, rtol=0, atol=1e-4)
     np.testing.assert_allclose(got["score"], ref_score, rtol=0, atol=5e-4)

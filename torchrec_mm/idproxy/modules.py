@@ -222,6 +222,15 @@ def _lookup_values(out: Dict[str, JaggedTensor]) -> torch.Tensor:
     return out[INPUT_FEATURE].values().detach()
 
 
+def _frozen_weight(weight: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """``weight`` [N, >= c] set to ``columns`` [N, c] (the padding columns zero) and
+    frozen (no gradient, no optimizer state); returned for further columns."""
+    with torch.no_grad():
+        weight.zero_()
+        weight[:, :columns.shape[1]].copy_(columns)
+    return weight.requires_grad_(False)
+
+
 class ProxyInputs(nn.Module):
     """Frozen per-item vectors as one embedding table, so that
     ``DistributedModelParallel`` shards them with the planner (table ``t_idproxy_inputs``,
@@ -248,12 +257,9 @@ class ProxyInputs(nn.Module):
             self.table = EmbeddingCollection(tables=[EmbeddingConfig(
                 name=INPUT_TABLE, embedding_dim=-(-(c + 1) // 4) * 4, num_embeddings=n,
                 feature_names=[INPUT_FEATURE])], device=device)
-        weight = self.table.embeddings[INPUT_TABLE].weight
+        weight = _frozen_weight(self.table.embeddings[INPUT_TABLE].weight, columns)
         with torch.no_grad():
-            weight.zero_()
-            weight[:, :c].copy_(columns)
             weight[:, c] = 1.0 if present is None else present.to(weight.dtype)
-        weight.requires_grad_(False)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -312,11 +318,7 @@ class StoredProxyBags(nn.Module):
             self.bags = EmbeddingBagCollection(tables=[EmbeddingBagConfig(
                 name=STORED_TABLE, embedding_dim=-(-c // 4) * 4, num_embeddings=n,
                 feature_names=self.features, pooling=PoolingType.MEAN)], device=device)
-        weight = self.bags.embedding_bags[STORED_TABLE].weight
-        with torch.no_grad():
-            weight.zero_()
-            weight[:, :c].copy_(columns)
-        weight.requires_grad_(False)
+        _frozen_weight(self.bags.embedding_bags[STORED_TABLE].weight, columns)
 
     @property
     def weight(self) -> torch.Tensor:

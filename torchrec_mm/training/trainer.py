@@ -142,7 +142,8 @@ def embedding_parameters(module: nn.Module) -> List[nn.Parameter]:
 
 def build_model(cfg: TrainConfig, layout: FeatureLayout,
                 samples: Optional[RankingSamples] = None,
-                spec: Optional[Any] = None) -> Tuple[nn.Module, List[Any]]:
+                spec: Optional[Any] = None,
+                extras: Optional[Dict[str, Any]] = None) -> Tuple[nn.Module, List[Any]]:
     """Ranker (with plugins) wrapped in :class:`RankerTrain`, unsharded, seeded.
 
     Args:
@@ -151,6 +152,8 @@ def build_model(cfg: TrainConfig, layout: FeatureLayout,
             on it (``RankerPlugin.batch_transform``).
         spec: a ``PluginSpec`` to use instead of reading ``cfg.plugins`` (e.g. the
             run's spec with serving options such as ``store``).
+        extras: more entries of the plugins' ``ctx.extras`` (in-memory inputs, e.g. a
+            benchmark's ``idproxy_proxies``).
 
     Returns:
         (model, plugin instances) — the plugins also contribute sharders.
@@ -170,7 +173,8 @@ def build_model(cfg: TrainConfig, layout: FeatureLayout,
     if spec.ranker:
         ranker_cfg = RankerConfig.from_dict({**dataclasses.asdict(cfg.ranker), **spec.ranker})
     context = PluginContext(data_dir=cfg.data, layout=layout, ranker=ranker_cfg,
-                            extras={} if samples is None else {"samples": samples})
+                            extras={**(extras or {}),
+                                    **({} if samples is None else {"samples": samples})})
     plugins = spec.instantiate()
     if samples is not None:
         samples.set_tasks(ranker_cfg.tasks)
