@@ -19,18 +19,25 @@ its tolerance. Here the embedding lr is large enough that the x2 reference is *r
 — checked in the test — so the gradient semantics are really tested.) The frozen
 proxy inputs (p_coarse and the layer-group states) are one embedding table,
 ``t_idproxy_inputs``, sharded by the planner like the ID tables; their lookup is
-detached, so they never move.
+detached, so they never move. With ``history_refresh`` the history's proxies are a
+second frozen table, ``t_idproxy_history``, that each rank rewrites in its own shards
+from the (DDP-replicated) adaptor: the table put together from both ranks must be the
+single process's.
 """
 
 import json
 import os
+from typing import Optional
 
 import numpy as np
 import pytest
 import torch
 import yaml
 
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+
 from torchrec_mm.idproxy.artifacts import Proxies, save_proxies
+from torchrec_mm.idproxy.modules import HISTORY_TABLE
 from torchrec_mm.models.rankers import RankerConfig
 from torchrec_mm.testing import (
     pipelined_sgd_losses,
@@ -64,12 +71,20 @@ CASES = [
     # (t_idproxy_stored), row-wise sharded; target attention reads t_idproxy_inputs
     ("dlrm", "row_wise", "augment_stored"),
     ("target_attention", "table_wise", "augment_stored"),
+    # history_refresh: the history's proxies from a table the adaptor rewrites every
+    # REFRESH steps (each rank its own shards), the targets' live
+    ("dlrm", "row_wise", "augment_cached"),
+    ("target_attention", "row_wise", "augment_cached"),
 ]
-#: the frozen proxy table the planner must shard, where it is not t_idproxy_inputs
-FROZEN_TABLE = {("dlrm", "augment_stored"): "t_idproxy_stored"}
+REFRESH = 3
+#: the frozen proxy tables the planner must shard
+FROZEN_TABLES = {("dlrm", "augment_stored"): ["t_idproxy_stored"]}
+for _kind in ("dlrm", "target_attention"):
+    FROZEN_TABLES[(_kind, "augment_cached")] = ["t_idproxy_inputs", "t_idproxy_history"]
 # also trained through TrainPipelineSparseDist (swap feeds the EBC a filtered KJT, so
 # that EBC's input dist is not prefetched; training must still be the same)
-PIPELINED = [("target_attention", "table_wise", "augment"), ("dlrm", "row_wise", "swap")]
+PIPELINED = [("target_attention", "table_wise", "augment"), ("dlrm", "row_wise", "swap"),
+             ("dlrm", "row_wise", "augment_cached")]
 
 
 def _write_inputs(out_dir: str) -> None:
@@ -79,7 +94,8 @@ def _write_inputs(out_dir: str) -> None:
     save_proxies(os.path.join(out_dir, "proxies"), Proxies(
         p_coarse=torch.nn.functional.normalize(torch.randn(NUM_ITEMS, DIM, generator=g), dim=1),
         z_groups=torch.randn(NUM_ITEMS, 3, 12, generator=g), has_content=has))
-    for mode in ("augment", "swap", "cold_only", "augment_target_grad", "augment_stored"):
+    for mode in ("augment", "swap", "cold_only", "augment_target_grad", "augment_stored",
+                 "augment_cached"):
         options = {"proxies": os.path.join(out_dir, "proxies"), "mode": mode, "hidden_dim": 16}
         if mode == "cold_only":
             options["cold_threshold"] = COLD_THRESHOLD
@@ -87,6 +103,8 @@ def _write_inputs(out_dir: str) -> None:
             options.update(mode="augment", history_grad=False)
         if mode == "augment_stored":
             options.update(mode="augment", fine_run=os.path.join(out_dir, "v5_run"))
+        if mode == "augment_cached":
+            options.update(mode="augment", history_grad=False, history_refresh=REFRESH)
         spec = {"plugins": [{"name": "idproxy", "options": options}]}
         with open(os.path.join(out_dir, f"{mode}.yaml"), "w") as f:
             yaml.safe_dump(spec, f)
@@ -118,6 +136,18 @@ def _eval_rows(samples) -> np.ndarray:
     return samples.rows("test")[:150]
 
 
+def _history_table(model) -> Optional[list]:
+    """The whole ``t_idproxy_history`` table [N, 2d] of ``model`` (sharded: gathered on
+    rank 0, None on the others; every rank must call it)."""
+    table = next(t for k, t in model.state_dict().items() if HISTORY_TABLE in k)
+    if isinstance(table, ShardedTensor):
+        rank0 = torch.distributed.get_rank() == 0
+        full = torch.zeros(table.size()) if rank0 else None
+        table.gather(dst=0, out=full)
+        table = full
+    return None if table is None else table[:, :2 * DIM].tolist()
+
+
 def _worker(out_dir: str) -> None:
     rank = int(os.environ["RANK"])
     ctx = init_distributed(rank, WORLD)
@@ -128,17 +158,18 @@ def _worker(out_dir: str) -> None:
             _config(*case, out_dir), samples, ctx, STEPS)
     for kind, sharding, mode in CASES:
         results[f"{kind}/{sharding}/{mode}"] = sharded_sgd_run(
-            _config(kind, sharding, mode, out_dir), samples, ctx, STEPS, _eval_rows(samples))
+            _config(kind, sharding, mode, out_dir), samples, ctx, STEPS, _eval_rows(samples),
+            probe=_history_table if mode == "augment_cached" else None)
     if rank == 0:
         with open(os.path.join(out_dir, "sharded.json"), "w") as f:
             json.dump(results, f)
 
 
 def _reference(kind: str, sharding: str, mode: str, out_dir: str, samples,
-               emb_lr_scale: float = 1.0):
+               emb_lr_scale: float = 1.0, probe=None):
     cfg = _config(kind, sharding, mode, out_dir)
     model, losses, final, initial = reference_sgd_run(
-        cfg, samples, WORLD, STEPS, _eval_rows(samples), emb_lr_scale)
+        cfg, samples, WORLD, STEPS, _eval_rows(samples), emb_lr_scale, probe)
     fine = {n: p for n, p in model.named_parameters() if "source.fine." in n}
     if mode == "augment_stored":
         assert not fine, "stored fine proxies have no adaptor"
@@ -167,7 +198,8 @@ def test_two_rank_idproxy_matches_single_process(shared_dir, kind, sharding, mod
     ref_loss, ref_score, initial = _reference(kind, sharding, mode, shared_dir, samples)
     assert sharding in got["plan"]
     # the frozen proxy inputs are a table the planner shards, not replicated buffers
-    assert FROZEN_TABLE.get((kind, mode), "t_idproxy_inputs") in got["plan"]
+    for table in FROZEN_TABLES.get((kind, mode), ["t_idproxy_inputs"]):
+        assert table in got["plan"], table
     # fbgemm's fused kernels sum in another order than nn.EmbeddingBag: float drift
     np.testing.assert_allclose(got["loss"], ref_loss, rtol=0, atol=1e-4)
     np.testing.assert_allclose(got["score"], ref_score, rtol=0, atol=5e-4)
@@ -177,6 +209,31 @@ def test_two_rank_idproxy_matches_single_process(shared_dir, kind, sharding, mod
     _, x2_score, _ = _reference(kind, sharding, mode, shared_dir, samples,
                                 emb_lr_scale=float(WORLD))
     assert np.abs(np.asarray(got["score"]) - x2_score).max() > 1e-3
+
+
+@pytest.mark.parametrize("kind,sharding", [(k, s) for k, s, m in CASES
+                                           if m == "augment_cached"])
+def test_history_cache_is_written_on_every_rank(shared_dir, kind, sharding):
+    """``history_refresh``: after the training steps the sharded history cache, put
+    together from both ranks' shards, is the reference's — each rank rewrote its rows
+    at the same steps (the losses alone barely see the history's staleness) — and it
+    is the adaptor of its last write, not the current one."""
+    with open(os.path.join(shared_dir, "sharded.json")) as f:
+        got = np.asarray(json.load(f)[f"{kind}/{sharding}/augment_cached"]["probe"])
+    probed = {}
+
+    def probe(model):
+        probed["table"] = np.asarray(_history_table(model))
+        source = next(m for m in model.modules() if hasattr(m, "write_history_cache"))
+        source.write_history_cache()  # what the adaptor of now would write
+        probed["now"] = np.asarray(_history_table(model))
+
+    _reference(kind, sharding, "augment_cached", shared_dir, _samples(), probe=probe)
+    assert got.shape == (NUM_ITEMS, 2 * DIM) and np.abs(got).max() > 0.1
+    np.testing.assert_allclose(got, probed["table"], rtol=0, atol=1e-5)
+    # one step of the adaptor at DENSE_LR moves the table by ~1.3e-4, over 10x the
+    # tolerance above: a write one step early or late would not match
+    assert np.abs(probed["now"] - probed["table"]).max() > 5e-5
 
 
 @pytest.mark.parametrize("kind,sharding,mode", PIPELINED)

@@ -58,9 +58,11 @@ def random_samples(
 
 
 def sharded_sgd_run(cfg, samples: RankingSamples, ctx, steps: int,
-                    eval_rows: np.ndarray) -> Dict[str, object]:
+                    eval_rows: np.ndarray, probe=None) -> Dict[str, object]:
     """Trains ``cfg`` (plugins included) for ``steps`` under DMP on this rank's share of
     each global batch and predicts ``eval_rows``: the sharded side of a parity test.
+    ``probe(model)``, when given, is called on every rank after the training steps,
+    before the prediction (its value is returned as ``"probe"``).
 
     Returns ``{"loss": [global mean loss per step], "score": [...], "plan": str}``.
     """
@@ -84,8 +86,10 @@ def sharded_sgd_run(cfg, samples: RankingSamples, ctx, steps: int,
         mean = loss.detach().clone()
         dist.all_reduce(mean)
         losses.append(float(mean) / ctx.world_size)
+    probed = probe(dmp) if probe is not None else None
     pred = predict(dmp, samples, eval_rows, 32, ctx)
-    return {"loss": losses, "score": pred["score"].tolist(), "plan": str(dmp.plan)}
+    return {"loss": losses, "score": pred["score"].tolist(), "plan": str(dmp.plan),
+            "probe": probed}
 
 
 def pipelined_sgd_losses(cfg, samples: RankingSamples, ctx, steps: int) -> list:
@@ -119,10 +123,12 @@ def pipelined_sgd_losses(cfg, samples: RankingSamples, ctx, steps: int) -> list:
 
 
 def reference_sgd_run(cfg, samples: RankingSamples, world_size: int, steps: int,
-                      eval_rows: np.ndarray, emb_lr_scale: float = 1.0):
+                      eval_rows: np.ndarray, emb_lr_scale: float = 1.0, probe=None):
     """The single-process side of a parity test: the same model, plain SGD (embedding
     lr ``cfg.embedding_lr * emb_lr_scale``, dense lr ``cfg.dense_lr``) on the global
-    batches (``world_size * cfg.batch_size``).
+    batches (``world_size * cfg.batch_size``). Scores are computed in eval mode, as
+    ``predict`` does; ``probe(model)`` is called after the training steps, before the
+    final scores (as in :func:`sharded_sgd_run`).
 
     Returns ``(model, losses, final scores, initial scores)`` (scores of ``eval_rows``).
     """
@@ -139,8 +145,15 @@ def reference_sgd_run(cfg, samples: RankingSamples, world_size: int, steps: int,
                            {"params": dense, "lr": cfg.dense_lr}])
     ds = RankingBatchDataset(samples, "train", cfg.batch_size * world_size, seed=0)
     eval_batch = samples.make_batch(eval_rows, "all")
-    with torch.no_grad():
-        initial = torch.sigmoid(model(eval_batch)[1][1]).numpy()
+
+    def scores() -> np.ndarray:
+        model.eval()
+        with torch.no_grad():
+            out = torch.sigmoid(model(eval_batch)[1][1]).numpy()
+        model.train()
+        return out
+
+    initial = scores()
     losses = []
     for _, batch in zip(range(steps), ds):
         loss, _ = model(batch)
@@ -148,6 +161,6 @@ def reference_sgd_run(cfg, samples: RankingSamples, world_size: int, steps: int,
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
-    with torch.no_grad():
-        final = torch.sigmoid(model(eval_batch)[1][1]).numpy()
-    return model, losses, final, initial
+    if probe is not None:
+        probe(model)
+    return model, losses, scores(), initial

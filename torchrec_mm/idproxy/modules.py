@@ -54,6 +54,12 @@ are instead one frozen, MEAN-pooled table ``t_idproxy_stored`` of an
 ``EmbeddingBagCollection`` (:class:`StoredProxyBags`) over ``concat(p_coarse, p_fine)``:
 the slots need only the target's row and the history's mean, which one pooled lookup
 of the item and history features gives.
+With ``history_refresh`` the history's ``concat(p_coarse, p_fine)`` is a frozen table
+too, ``t_idproxy_history``, that the adaptor rewrites every k training steps (each
+rank the rows of its own shards) while the target items' proxies are computed live:
+in a pooled wrapper it is the second table of the EBC that holds the proxies' inputs
+(:class:`CachedProxyBags`), so one pooled lookup serves the target's inputs and the
+history's mean; in the sequence wrapper it is a second :class:`ProxyInputs` table.
 
 Fallback for items without content (``has_content`` False): wherever the proxy would
 *replace* an ID embedding (``swap``, ``cold_only``), such an item keeps its ID
@@ -75,10 +81,11 @@ EBC's input untouched.
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
@@ -130,6 +137,20 @@ class IDProxyConfig:
             items' p_fine alone, while the ranker still reads p_fine in every history
             slot — so the adaptor's backward runs over a batch's distinct *target*
             items instead of all its distinct items (most of them history items).
+        history_refresh: k > 0 (with ``history_grad`` false): the history items'
+            ``concat(p_coarse, p_fine)`` are read from a frozen table,
+            ``t_idproxy_history``, that the adaptor rewrites for every item (the rows
+            this rank holds) at the first forward and every k training forwards
+            after, and before an evaluation that follows training — so the history
+            slots read p_fine of an adaptor up to k - 1 steps old, while the target
+            items' p_fine is computed live, with gradient, as with ``history_grad``
+            false. The step then runs the adaptor over the batch's distinct *target*
+            items only (a pooled ranker's: each sample's target, read with the
+            history's mean in one pooled lookup, :class:`CachedProxyBags`); the
+            rewrite costs one adaptor pass over the catalogue per k steps. Not in the
+            paper (its stage 2 is joint): a speed option whose price is measured in
+            the README. 0: the history's p_fine comes from the current adaptor at
+            every step.
     """
 
     mode: str = "augment"
@@ -145,6 +166,7 @@ class IDProxyConfig:
     feature_parts: str = "coarse_fine"
     fine_run: Optional[str] = None
     history_grad: bool = True
+    history_refresh: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -172,6 +194,12 @@ class IDProxyConfig:
                              "(use_fine true, no fine_run) in mode 'augment' or 'feature' "
                              f"(got mode '{self.mode}', use_fine {self.use_fine}, "
                              f"fine_run {self.fine_run!r})")
+        if self.history_refresh < 0:
+            raise ValueError(f"history_refresh must be >= 0, got {self.history_refresh}")
+        if self.history_refresh and (self.history_grad or self.store):
+            raise ValueError("idproxy history_refresh (the history's proxies from a table "
+                             "the adaptor rewrites) needs history_grad false and no store "
+                             f"(got history_grad {self.history_grad}, store {self.store!r})")
 
 
 @torch.fx.wrap
@@ -210,16 +238,17 @@ INPUT_FEATURE = "idproxy_rows"
 
 
 @torch.fx.wrap
-def _rows_kjt(rows: torch.Tensor) -> KeyedJaggedTensor:
-    """rows [u] -> a KJT of one sample holding them (the input table's lookup)."""
-    return KeyedJaggedTensor(keys=[INPUT_FEATURE], values=rows.long(),
+def _rows_kjt(rows: torch.Tensor, key: str) -> KeyedJaggedTensor:
+    """rows [u] -> a KJT of one sample holding them under ``key`` (a frozen table's
+    lookup)."""
+    return KeyedJaggedTensor(keys=[key], values=rows.long(),
                              lengths=rows.new_full((1,), rows.numel(), dtype=torch.long))
 
 
 @torch.fx.wrap
-def _lookup_values(out: Dict[str, JaggedTensor]) -> torch.Tensor:
+def _lookup_values(out: Dict[str, JaggedTensor], key: str) -> torch.Tensor:
     # detached: the table is frozen, and no gradient means no fused-optimizer update
-    return out[INPUT_FEATURE].values().detach()
+    return out[key].values().detach()
 
 
 def _frozen_weight(weight: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
@@ -240,6 +269,7 @@ class ProxyInputs(nn.Module):
         columns: [N, c] the vectors (copied; columns padded to a multiple of 4 for FBGEMM).
         present: [N] bool, items that have content (default all); stored as one more
             column of the table, so it is sharded with the vectors.
+        name: the table's name (its feature: ``<name>_rows``).
 
     ``forward(rows [u]) -> (values [u, c], present [u] bool)``, detached: the table is
     frozen — its weight does not require grad (no optimizer state) and no gradient
@@ -247,46 +277,48 @@ class ProxyInputs(nn.Module):
     """
 
     def __init__(self, columns: torch.Tensor, present: Optional[torch.Tensor] = None,
-                 device: Optional[torch.device] = None) -> None:
+                 device: Optional[torch.device] = None, name: str = INPUT_TABLE) -> None:
         super().__init__()
         n, c = columns.shape
         self.columns = int(c)
+        self.name = name
+        self.feature = INPUT_FEATURE if name == INPUT_TABLE else f"{name}_rows"
         # the table's random init is overwritten: do not consume the global RNG (the
         # rest of a seeded model initialises as it would without the table)
         with torch.random.fork_rng(devices=[]):
             self.table = EmbeddingCollection(tables=[EmbeddingConfig(
-                name=INPUT_TABLE, embedding_dim=-(-(c + 1) // 4) * 4, num_embeddings=n,
-                feature_names=[INPUT_FEATURE])], device=device)
-        weight = _frozen_weight(self.table.embeddings[INPUT_TABLE].weight, columns)
+                name=name, embedding_dim=-(-(c + 1) // 4) * 4, num_embeddings=n,
+                feature_names=[self.feature])], device=device)
+        weight = _frozen_weight(self.table.embeddings[name].weight, columns)
         with torch.no_grad():
             weight[:, c] = 1.0 if present is None else present.to(weight.dtype)
 
     @property
     def weight(self) -> torch.Tensor:
         """[N, c] (unsharded module only)."""
-        return self.table.embeddings[INPUT_TABLE].weight[:, :self.columns]
+        return self.table.embeddings[self.name].weight[:, :self.columns]
 
     def forward(self, rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        values = _lookup_values(self.table(_rows_kjt(rows)))
+        values = _lookup_values(self.table(_rows_kjt(rows, self.feature)), self.feature)
         return values[:, :self.columns], values[:, self.columns] > 0.5
 
 
 STORED_TABLE = "t_idproxy_stored"
+HISTORY_TABLE = "t_idproxy_history"
 
 
 @torch.fx.wrap
-def _item_kjt(keys: List[str], t_ids: torch.Tensor, t_len: torch.Tensor,
-              h_ids: torch.Tensor, h_len: torch.Tensor) -> KeyedJaggedTensor:
-    """The target and history ids as a KJT of those two keys (the stored table's input)."""
-    return KeyedJaggedTensor(keys=keys, values=torch.cat([t_ids, h_ids]).long(),
-                             lengths=torch.cat([t_len, h_len]).long())
+def _item_kjt(keys: List[str], ids: List[torch.Tensor], lengths: List[torch.Tensor]
+              ) -> KeyedJaggedTensor:
+    """Per key its ids and lengths, as one KJT (the stored table's input)."""
+    return KeyedJaggedTensor(keys=keys, values=torch.cat(ids).long(),
+                             lengths=torch.cat(lengths).long())
 
 
 @torch.fx.wrap
-def _bag_values(kt: KeyedTensor, keys: List[str], width: int
-                ) -> Tuple[torch.Tensor, torch.Tensor]:
+def _bag_values(kt: KeyedTensor, keys: List[str], width: int) -> List[torch.Tensor]:
     # detached: the table is frozen, and no gradient means no fused-optimizer update
-    return kt[keys[0]][:, :width].detach(), kt[keys[1]][:, :width].detach()
+    return [kt[k][:, :width].detach() for k in keys]
 
 
 class StoredProxyBags(nn.Module):
@@ -327,8 +359,81 @@ class StoredProxyBags(nn.Module):
 
     def forward(self, t_ids: torch.Tensor, t_len: torch.Tensor, h_ids: torch.Tensor,
                 h_len: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        kt = self.bags(_item_kjt(self.features, t_ids, t_len, h_ids, h_len))
-        return _bag_values(kt, self.features, self.columns)
+        kt = self.bags(_item_kjt(self.features, [t_ids, h_ids], [t_len, h_len]))
+        t, h = _bag_values(kt, self.features, self.columns)
+        return t, h
+
+
+@torch.fx.wrap
+def _one_id_bags(keys: List[str], rows: torch.Tensor) -> KeyedJaggedTensor:
+    """rows [u] -> a KJT of u samples: ``keys[0]`` holds one row per sample, the other
+    keys none (a pooled table read row by row)."""
+    ones = torch.ones_like(rows, dtype=torch.long)
+    zeros = torch.zeros_like(rows, dtype=torch.long)
+    return KeyedJaggedTensor(keys=keys, values=rows.long(),
+                             lengths=torch.cat([ones] + [zeros] * (len(keys) - 1)))
+
+
+class CachedProxyBags(nn.Module):
+    """``history_refresh`` in a pooled ranker (DLRM): the fine proxy's frozen inputs and
+    the history cache as the two tables of one ``EmbeddingBagCollection`` child, so that
+    one pooled lookup — one sharded call — gives each sample's target inputs and its
+    history's mean.
+
+    * ``t_idproxy_inputs`` [N, c] ``concat(p_coarse, adaptor inputs)`` plus a presence
+      column (items with content), read by the item feature (one id per sample, SUM);
+    * ``t_idproxy_history`` [N, w] ``concat(p_coarse, p_fine)`` as the adaptor last
+      wrote it (:meth:`_ProxySource.write_history_cache`), read MEAN-pooled by the
+      history feature.
+
+    Args:
+        columns: [N, c] the inputs; present: [N] bool (default all).
+        width: w, the history cache's columns (2d); zero until written.
+        features: the item and the history feature.
+
+    ``forward(rows [u]) -> (values [u, c], present [u] bool)``: the inputs of ``rows``
+    (the :class:`FineProxy` inputs interface, used by the cache's writes);
+    :meth:`pooled` is the step's lookup. Both detached (frozen: no gradient, no
+    optimizer state).
+    """
+
+    def __init__(self, columns: torch.Tensor, present: Optional[torch.Tensor], width: int,
+                 features: List[str], device: Optional[torch.device] = None) -> None:
+        super().__init__()
+        n, c = columns.shape
+        self.columns, self.width, self.features = int(c), int(width), list(features)
+        with torch.random.fork_rng(devices=[]):  # the random init is overwritten
+            self.bags = EmbeddingBagCollection(tables=[
+                EmbeddingBagConfig(name=INPUT_TABLE, embedding_dim=-(-(c + 1) // 4) * 4,
+                                   num_embeddings=n, feature_names=self.features[:1],
+                                   pooling=PoolingType.SUM),
+                EmbeddingBagConfig(name=HISTORY_TABLE, embedding_dim=-(-width // 4) * 4,
+                                   num_embeddings=n, feature_names=self.features[1:],
+                                   pooling=PoolingType.MEAN)], device=device)
+        weight = _frozen_weight(self.bags.embedding_bags[INPUT_TABLE].weight, columns)
+        with torch.no_grad():
+            weight[:, c] = 1.0 if present is None else present.to(weight.dtype)
+        _frozen_weight(self.bags.embedding_bags[HISTORY_TABLE].weight,
+                       torch.zeros(n, width))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """[N, c] the inputs (unsharded module only)."""
+        return self.bags.embedding_bags[INPUT_TABLE].weight[:, :self.columns]
+
+    def forward(self, rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        (values,) = _bag_values(self.bags(_one_id_bags(self.features, rows)),
+                               self.features[:1], self.columns + 1)
+        return values[:, :self.columns], values[:, self.columns] > 0.5
+
+    def pooled(self, t_ids: torch.Tensor, t_len: torch.Tensor, h_ids: torch.Tensor,
+               h_len: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(target inputs [B, c], target present [B] bool, history mean [B, w]); a
+        sample without a target id is not present, an empty history is zero."""
+        kt = self.bags(_item_kjt(self.features, [t_ids, h_ids], [t_len, h_len]))
+        (t,) = _bag_values(kt, self.features[:1], self.columns + 1)
+        (h,) = _bag_values(kt, self.features[1:], self.width)
+        return t[:, :self.columns], t[:, self.columns] > 0.5, h
 
 
 @torch.fx.wrap
@@ -392,6 +497,8 @@ class FineProxy(nn.Module):
             subspaces — [N, G*r] frozen inputs instead of [N, G*D], for speed and
             memory; 0: the full states (the paper's form).
         z_mean / z_basis: [G, D] / [G, D, R >= r] stored with the proxies.
+        inputs: builds the frozen inputs' module from ``(columns [N, d + G*r], has_content
+            [N])`` (default :class:`ProxyInputs`; ignored with ``store``).
 
     ``forward(ids [n]) -> p_fine [n, d]``; :meth:`proxies` returns
     ``(p_coarse [n, d], p_fine [n, d])``; :meth:`rows` computes both for the distinct
@@ -403,7 +510,9 @@ class FineProxy(nn.Module):
                  z_mean: Optional[torch.Tensor] = None,
                  z_basis: Optional[torch.Tensor] = None,
                  has_content: Optional[torch.Tensor] = None,
-                 store: Optional[str] = None, store_version: Optional[str] = None) -> None:
+                 store: Optional[str] = None, store_version: Optional[str] = None,
+                 inputs: Optional[Callable[[torch.Tensor, Optional[torch.Tensor]],
+                                           nn.Module]] = None) -> None:
         super().__init__()
         if p_coarse.dim() != 2 or z_groups.dim() != 3 or p_coarse.shape[0] != z_groups.shape[0]:
             raise ValueError("FineProxy needs p_coarse [N, d] and z_groups [N, G, D] with the "
@@ -431,8 +540,9 @@ class FineProxy(nn.Module):
         if store is not None:
             self.inputs: nn.Module = StoreInputs(store, d, self.z_width, version=store_version)
         else:
-            self.inputs = ProxyInputs(torch.cat([p_coarse.detach().float(), z.flatten(1)], dim=1),
-                                      has_content, device=device)
+            columns = torch.cat([p_coarse.detach().float(), z.flatten(1)], dim=1)
+            self.inputs = (inputs(columns, has_content) if inputs is not None
+                           else ProxyInputs(columns, has_content, device=device))
         self.adaptor = nn.Sequential(nn.Linear(self.z_width, hidden_dim, device=device),
                                      nn.ReLU(), nn.Linear(hidden_dim, d, device=device))
         self.gate = nn.Linear(2 * d, d, device=device)
@@ -601,6 +711,39 @@ def _rebuild_kt(kt: KeyedTensor, replace: Dict[str, torch.Tensor], extra_keys: L
                        values=torch.cat(values, dim=1), key_dim=1)
 
 
+def _writable_shards(module: nn.Module, table: str
+                     ) -> List[Tuple[int, int, torch.Tensor]]:
+    """(row offset, column offset, rows) of this rank's part of the frozen table
+    ``table`` of ``module``, plain or sharded by DMP: the local shards of its
+    ``ShardedTensor`` weight — views of the fbgemm weights, so writing them changes
+    the table — or the whole weight."""
+    weights = [t for k, t in module.state_dict().items() if k.endswith(f".{table}.weight")]
+    if len(weights) != 1:
+        raise RuntimeError(f"idproxy: expected one table '{table}' in "
+                           f"{type(module).__name__}, found {len(weights)}")
+    weight = weights[0]
+    if isinstance(weight, ShardedTensor):
+        return [(int(sh.metadata.shard_offsets[0]), int(sh.metadata.shard_offsets[1]),
+                 sh.tensor.detach()) for sh in weight.local_shards()]
+    return [(0, 0, weight.detach())]
+
+
+@torch.fx.wrap
+def _split_parts(source: "_ProxySource", ids: torch.Tensor, n_target: int
+                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``source.split_parts`` as one leaf of a traced model (it sizes tensors by data:
+    TrainPipelineSparseDist's tracer cannot step through it)."""
+    return source.split_parts(ids, n_target)
+
+
+@torch.fx.wrap
+def _refresh_history(source: "_ProxySource", training: bool, ids: torch.Tensor) -> None:
+    """``source.refresh_history(training)``. ``ids``, a tensor of the batch, is unused
+    but makes a traced call (TrainPipelineSparseDist traces the model) a recorded node:
+    fx runs a wrapped function whose arguments hold no proxy while tracing."""
+    source.refresh_history(training)
+
+
 # --------------------------------------------------------------------------- wrappers
 
 
@@ -641,6 +784,11 @@ class _ProxySource(nn.Module):
         self.register_buffer("use_proxy", use_proxy, persistent=False)
         self.fine: Optional[FineProxy] = None
         self.bags = None
+        #: history_refresh in a sequence ranker: the history cache (pooled rankers keep
+        #: it in the fine proxy's inputs, a CachedProxyBags)
+        self.history_rows: Optional[ProxyInputs] = None
+        #: training forwards since the history cache was written (None: never)
+        self._cache_age: Optional[int] = None
         #: p_fine stored with p_coarse in one frozen table (``fine_run``)
         self.fixed_fine = bool(config.fine_run)
         if self.fixed_fine:
@@ -656,10 +804,22 @@ class _ProxySource(nn.Module):
             else:
                 self.coarse = ProxyInputs(stored, has_content)
         elif config.use_fine:
+            features = [config.item_feature, config.history_feature]
+
+            def cached_bags(columns: torch.Tensor, present: Optional[torch.Tensor]
+                            ) -> nn.Module:
+                return CachedProxyBags(columns, present, 2 * table_dim, features)
+
             self.fine = FineProxy(proxies.p_coarse, proxies.z_groups, config.hidden_dim,
                                   z_rank=config.z_rank, z_mean=proxies.z_mean,
                                   z_basis=proxies.z_basis, has_content=has_content,
-                                  store=config.store, store_version=config.store_version)
+                                  store=config.store, store_version=config.store_version,
+                                  inputs=cached_bags if config.history_refresh and pooled
+                                  else None)
+            if config.history_refresh and not pooled:
+                # written from the adaptor at the first forward (refresh_history)
+                self.history_rows = ProxyInputs(torch.zeros(n, 2 * table_dim), has_content,
+                                                name=HISTORY_TABLE)
         elif config.store:
             z_width = FineProxy(proxies.p_coarse[:1], proxies.z_groups[:1], 1,
                                 z_rank=config.z_rank, z_mean=proxies.z_mean,
@@ -717,6 +877,45 @@ class _ProxySource(nn.Module):
         index, rows = _distinct_rows(ids, self._num_items)
         table, present = self.coarse(rows)
         return index, _zero_absent(table, present), present
+
+    def refresh_history(self, training: bool) -> None:
+        """``history_refresh``: rewrites the history cache when it is due — never
+        written, ``history_refresh`` training forwards since the last write, or an
+        evaluation (``training`` False) after training forwards — then counts this
+        forward. Every rank calls it at the same forwards (the rewrite's lookups are
+        collectives when the inputs table is sharded)."""
+        age, every = self._cache_age, self.config.history_refresh
+        if age is None or (training and age >= every) or (not training and age > 0):
+            self.write_history_cache()
+            age = 0
+        self._cache_age = age + 1 if training else age
+
+    @torch.no_grad()
+    def write_history_cache(self, chunk: int = 65536) -> None:
+        """Writes ``concat(p_coarse, p_fine)`` [.., 2d] of the current adaptor (zero for
+        items without content) into the rows of the history cache that this rank
+        holds (its local shards; the whole table unsharded or data-parallel), ``chunk``
+        items per inputs lookup — the same number of lookups on every rank."""
+        assert self.fine is not None and self.config.history_refresh
+        width = 2 * self.dim
+        shards = _writable_shards(self.history_rows if self.history_rows is not None
+                                  else self.fine.inputs, HISTORY_TABLE)
+        for lo in range(0, self._num_items, chunk):
+            hi = min(self._num_items, lo + chunk)
+            spans = [(max(lo, r0), min(hi, r0 + t.shape[0])) for r0, _, t in shards]
+            rows = torch.cat([torch.arange(a, b) for a, b in spans if a < b]
+                             or [torch.zeros(0, dtype=torch.long)])
+            pc, z, present = self.fine.lookup(rows)
+            values = _zero_absent(torch.cat([pc, self.fine_map(pc) + self.fine.gated(pc, z)],
+                                            dim=1), present)
+            at = 0
+            for (r0, c0, t), (a, b) in zip(shards, spans):
+                if a >= b:
+                    continue
+                cols = min(t.shape[1], width - c0)
+                if cols > 0:
+                    t[a - r0:b - r0, :cols].copy_(values[at:at + b - a, c0:c0 + cols])
+                at += b - a
 
     def fine_map(self, p_coarse: torch.Tensor) -> torch.Tensor:
         """The linear part of p_fine (``W_c p_coarse``), [.., d] -> [.., d]."""
@@ -801,8 +1000,15 @@ class IDProxyEmbeddingCollection(nn.Module):
         n_t = t_ids.shape[0]
         ids = torch.cat([t_ids, h_ids])
         emb_t, emb_h = _seq_values(seq, self.keys[0]), _seq_values(seq, self.keys[1])
-        if self.config.mode == "augment" and not self.config.history_grad:
-            index, pc, gated_t, gated = self.source.split_parts(ids, n_t)
+        if self.config.mode == "augment" and self.source.history_rows is not None:
+            # the targets' proxies live (gradient into the adaptor), the history's from
+            # the table the adaptor rewrites every history_refresh steps
+            _refresh_history(self.source, self.training, h_ids)
+            index, tables, _ = self.source.slot_tables(t_ids)
+            values_t = torch.cat([emb_t] + [t.index_select(0, index) for t in tables], dim=1)
+            values_h = torch.cat([emb_h, self.source.history_rows(h_ids)[0]], dim=1)
+        elif self.config.mode == "augment" and not self.config.history_grad:
+            index, pc, gated_t, gated = _split_parts(self.source, ids, n_t)
             i_t, i_h = index[:n_t], index[n_t:]
             pc_t = pc.index_select(0, i_t)
             values_t = torch.cat([emb_t, pc_t, self.source.fine_map(pc_t) + gated_t], dim=1)
@@ -897,17 +1103,28 @@ class IDProxyEmbeddingBagCollection(nn.Module):
         n_t = t_ids.shape[0]
         if self.config.mode in ("augment", "feature"):
             kt = self.embedding_bag_collection(features)
+            d = self.source.dim
             if self.source.bags is not None:
                 # stored p_coarse | p_fine, frozen: one pooled lookup, no backward
                 t, h = self.source.bags(t_ids, t_len, h_ids, h_len)
-                d = self.source.dim
                 return self._with_proxies(kt, t[:, :d], h[:, :d], t[:, d:], h[:, d:])
+            if self.config.history_refresh:
+                # one pooled lookup: the targets' inputs (their proxies are computed
+                # live, gradient into the adaptor) and the history's mean from the
+                # table the adaptor rewrites
+                _refresh_history(self.source, self.training, h_ids)
+                fine = self.source.fine
+                t_in, present, h = fine.inputs.pooled(t_ids, t_len, h_ids, h_len)
+                t_pc = _zero_absent(t_in[:, :d], present)
+                t_gated = _zero_absent(fine.gated(t_pc, t_in[:, d:]), present)
+                return self._with_proxies(kt, t_pc, h[:, :d],
+                                          self.source.fine_map(t_pc) + t_gated, h[:, d:])
             ids = torch.cat([t_ids, h_ids])
             if self.config.history_grad:
                 index, pc, gated, _ = self.source.parts(ids)
                 t_gated = None if gated is None else gated.index_select(0, index[:n_t])
             else:
-                index, pc, t_gated, gated = self.source.split_parts(ids, n_t)
+                index, pc, t_gated, gated = _split_parts(self.source, ids, n_t)
             # p_coarse is frozen: its pooling has no backward
             t_pc = pc.index_select(0, index[:n_t])
             h_pc = jagged.gather_pool(pc, index[n_t:], h_len, "mean")

@@ -64,6 +64,10 @@ class IDProxyOptions:
         history_grad: false: the history items' fine proxies are computed without
             gradient, the adaptor learns from the target items' alone (faster stage 2;
             see ``IDProxyConfig``).
+        history_refresh: k > 0 (with history_grad false): the history items' proxies
+            are read from a table the adaptor rewrites every k training steps
+            (``t_idproxy_history``), the target items' computed live (see
+            ``IDProxyConfig``).
     """
 
     proxies: str = "idproxy"
@@ -77,6 +81,7 @@ class IDProxyOptions:
     feature_parts: str = "coarse_fine"
     fine_run: Optional[str] = None
     history_grad: bool = True
+    history_refresh: int = 0
 
 
 def train_impression_counts(ctx: PluginContext, num_items: int) -> np.ndarray:
@@ -114,7 +119,8 @@ class IDProxyPlugin(RankerPlugin):
         return IDProxyConfig(mode=o.mode, use_fine=o.use_fine, cold_threshold=o.cold_threshold,
                              hidden_dim=o.hidden_dim, z_rank=o.z_rank, store=o.store,
                              store_version=o.store_version, feature_parts=o.feature_parts,
-                             fine_run=o.fine_run, history_grad=o.history_grad)
+                             fine_run=o.fine_run, history_grad=o.history_grad,
+                             history_refresh=o.history_refresh)
 
     def cold_mask(self, ctx: PluginContext, num_items: int) -> torch.Tensor:
         counts = train_impression_counts(ctx, num_items)

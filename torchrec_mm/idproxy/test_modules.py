@@ -248,11 +248,11 @@ def test_embedding_bag_collection_wrapper(samples, mode, use_fine):
         assert w.source.fine.z_in.grad is None
 
 
-def _build(samples, kind, mode, tmp_path):
+def _build(samples, kind, mode, tmp_path, **options):
     save_proxies(str(tmp_path / "px"), _proxies())
     spec = {"plugins": [{"name": "idproxy",
                          "options": {"proxies": str(tmp_path / "px"), "mode": mode,
-                                     "cold_threshold": 33, "hidden_dim": 16}}]}
+                                     "cold_threshold": 33, "hidden_dim": 16, **options}}]}
     cfg = RankerConfig(kind=kind, embedding_dim=D)
     ctx = PluginContext(layout=samples.layout, ranker=cfg, extras={"samples": samples})
     torch.manual_seed(0)
@@ -601,3 +601,97 @@ def test_history_grad_false_trains_the_adaptor_on_the_targets_only(samples, kind
         IDProxyConfig(mode="swap", history_grad=False)
     with pytest.raises(ValueError, match="history_grad false"):
         IDProxyConfig(use_fine=False, history_grad=False)
+
+
+@pytest.mark.parametrize("kind", ["dlrm", "target_attention"])
+def test_history_cache_serves_the_adaptor_of_its_last_write(samples, kind):
+    """``history_refresh: k``: right after a write of the history cache the wrapper's
+    outputs and the adaptor's gradient are those of ``history_grad: false`` (the
+    history read without gradient, the targets live); between writes the history
+    slots keep the adaptor of the last write while the targets follow the live one;
+    the cache is rewritten every k training forwards and before an evaluation that
+    follows training."""
+    inner, wrap, p, full = _trained_wrapper(samples, kind)
+    ref = wrap(inner, p, IDProxyConfig(z_rank=4, history_grad=False))
+    cached = wrap(inner, p, IDProxyConfig(z_rank=4, history_grad=False, history_refresh=2))
+    trained = {k: v for k, v in full.source.fine.state_dict().items()
+               if not k.startswith("inputs.")}  # the adaptor, not the frozen inputs
+    for m in (ref, cached):
+        m.source.fine.load_state_dict(trained, strict=False)
+    tables = {n: q for n, q in cached.source.named_parameters() if "t_idproxy_" in n}
+    assert any("t_idproxy_history" in n for n in tables)
+    assert not any(q.requires_grad for q in tables.values())
+    kjt = _batch(samples).sparse_features
+    g = torch.Generator().manual_seed(1)
+
+    def parts(out):
+        """(target slots, history slots) [.., 3d] / the four proxy keys, as tensors."""
+        if kind == "target_attention":
+            return out["item_id"].values(), out["hist_item_id"].values()
+        d = out.to_dict()
+        return (torch.cat([d["item_id_coarse"], d["item_id_fine"]], 1),
+                torch.cat([d["hist_item_id_coarse"], d["hist_item_id_fine"]], 1))
+
+    def perturb():
+        with torch.no_grad():
+            for m in (ref, cached):
+                for prm in m.source.fine.adaptor.parameters():
+                    prm.add_(0.2 * torch.randn(prm.shape, generator=torch.Generator()
+                                               .manual_seed(prm.numel())))
+
+    # forward 1 writes the cache: outputs and gradients of history_grad false
+    t_a, h_a = parts(ref(kjt))
+    t_b, h_b = parts(cached(kjt))
+    torch.testing.assert_close(t_b, t_a)
+    torch.testing.assert_close(h_b, h_a, atol=1e-5, rtol=1e-5)
+    w_t, w_h = torch.randn(t_a.shape, generator=g), torch.randn(h_a.shape, generator=g)
+    ((t_a * w_t).sum() + (h_a * w_h).sum()).backward()
+    ((t_b * w_t).sum() + (h_b * w_h).sum()).backward()
+    grads = {n: q.grad for n, q in cached.source.fine.named_parameters() if q.requires_grad}
+    assert len(grads) == 7
+    for name, q_a in ref.source.fine.named_parameters():
+        if q_a.requires_grad:
+            torch.testing.assert_close(grads[name], q_a.grad, msg=name)
+    # forward 2 (one training forward since the write): the history is stale
+    old_h = h_b.detach()
+    perturb()
+    t_a, h_a = parts(ref(kjt))
+    t_b, h_b = parts(cached(kjt))
+    torch.testing.assert_close(t_b, t_a)
+    torch.testing.assert_close(h_b, old_h)
+    assert (h_b - h_a).abs().max() > 1e-3
+    # forward 3 (k = 2 since the write): rewritten
+    t_b, h_b = parts(cached(kjt))
+    torch.testing.assert_close(h_b, h_a, atol=1e-5, rtol=1e-5)
+    # an evaluation after training forwards rewrites it first
+    perturb()
+    cached(kjt)
+    cached.eval()
+    ref.eval()
+    with torch.no_grad():
+        t_a, h_a = parts(ref(kjt))
+        t_b, h_b = parts(cached(kjt))
+    torch.testing.assert_close(t_b, t_a)
+    torch.testing.assert_close(h_b, h_a, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="history_refresh"):
+        IDProxyConfig(history_refresh=10)  # history_grad true
+    with pytest.raises(ValueError, match="history_refresh"):
+        IDProxyConfig(history_grad=False, history_refresh=-1)
+
+
+@pytest.mark.parametrize("kind", ["dlrm", "target_attention"])
+def test_fx_trace_does_not_write_the_history_cache(samples, tmp_path, kind):
+    """TrainPipelineSparseDist traces the model: tracing must record the history
+    cache's write (a training forward of its schedule, with collectives when sharded)
+    as a call, not run it; the traced model then writes it as the model does."""
+    import torchrec.fx
+
+    model = _build(samples, kind, "augment", tmp_path, history_grad=False, history_refresh=2)
+    source = next(m for m in model.modules() if hasattr(m, "write_history_cache"))
+    gm = torchrec.fx.symbolic_trace(model)
+    assert source._cache_age is None
+    batch = _batch(samples)
+    with torch.no_grad():
+        got = gm(batch.dense_features, batch.sparse_features)
+        assert source._cache_age == 1
+        torch.testing.assert_close(got, model(batch.dense_features, batch.sparse_features))
