@@ -75,6 +75,8 @@ CASES = [
     # REFRESH steps (each rank its own shards), the targets' live
     ("dlrm", "row_wise", "augment_cached"),
     ("target_attention", "row_wise", "augment_cached"),
+    # table-wise: one rank holds the whole cache, the other no row of it
+    ("dlrm", "table_wise", "augment_cached"),
 ]
 REFRESH = 3
 #: the frozen proxy tables the planner must shard

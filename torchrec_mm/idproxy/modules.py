@@ -787,8 +787,6 @@ class _ProxySource(nn.Module):
         #: history_refresh in a sequence ranker: the history cache (pooled rankers keep
         #: it in the fine proxy's inputs, a CachedProxyBags)
         self.history_rows: Optional[ProxyInputs] = None
-        #: training forwards since the history cache was written (None: never)
-        self._cache_age: Optional[int] = None
         #: p_fine stored with p_coarse in one frozen table (``fine_run``)
         self.fixed_fine = bool(config.fine_run)
         if self.fixed_fine:
@@ -820,6 +818,10 @@ class _ProxySource(nn.Module):
                 # written from the adaptor at the first forward (refresh_history)
                 self.history_rows = ProxyInputs(torch.zeros(n, 2 * table_dim), has_content,
                                                 name=HISTORY_TABLE)
+            if config.history_refresh:
+                # training forwards since the history cache was written (-1: never); in
+                # the state dict, so a resumed run rewrites it when the run would have
+                self.register_buffer("cache_age", torch.tensor(-1, dtype=torch.long))
         elif config.store:
             z_width = FineProxy(proxies.p_coarse[:1], proxies.z_groups[:1], 1,
                                 z_rank=config.z_rank, z_mean=proxies.z_mean,
@@ -884,11 +886,11 @@ class _ProxySource(nn.Module):
         evaluation (``training`` False) after training forwards — then counts this
         forward. Every rank calls it at the same forwards (the rewrite's lookups are
         collectives when the inputs table is sharded)."""
-        age, every = self._cache_age, self.config.history_refresh
-        if age is None or (training and age >= every) or (not training and age > 0):
+        age, every = int(self.cache_age), self.config.history_refresh
+        if age < 0 or (training and age >= every) or (not training and age > 0):
             self.write_history_cache()
             age = 0
-        self._cache_age = age + 1 if training else age
+        self.cache_age.fill_(age + 1 if training else age)
 
     @torch.no_grad()
     def write_history_cache(self, chunk: int = 65536) -> None:
@@ -903,8 +905,9 @@ class _ProxySource(nn.Module):
         for lo in range(0, self._num_items, chunk):
             hi = min(self._num_items, lo + chunk)
             spans = [(max(lo, r0), min(hi, r0 + t.shape[0])) for r0, _, t in shards]
-            rows = torch.cat([torch.arange(a, b) for a, b in spans if a < b]
-                             or [torch.zeros(0, dtype=torch.long)])
+            device = self.use_proxy.device
+            rows = torch.cat([torch.arange(a, b, device=device) for a, b in spans if a < b]
+                             or [torch.zeros(0, dtype=torch.long, device=device)])
             pc, z, present = self.fine.lookup(rows)
             values = _zero_absent(torch.cat([pc, self.fine_map(pc) + self.fine.gated(pc, z)],
                                             dim=1), present)
