@@ -62,9 +62,10 @@ def sharded_sgd_run(cfg, samples: RankingSamples, ctx, steps: int,
     """Trains ``cfg`` (plugins included) for ``steps`` under DMP on this rank's share of
     each global batch and predicts ``eval_rows``: the sharded side of a parity test.
     ``probe(model)``, when given, is called on every rank after the training steps,
-    before the prediction (its value is returned as ``"probe"``).
+    before the prediction.
 
-    Returns ``{"loss": [global mean loss per step], "score": [...], "plan": str}``.
+    Returns ``{"loss": [global mean loss per step], "score": [...], "plan": str,
+    "probe": probe's value or None}``.
     """
     import torch.distributed as dist
 
