@@ -7,7 +7,10 @@ in-memory artefact tables (issue 6: goal ≤ 1.1× step time with the embedded b
 * the embedded (mmap) store vs Redis (when ``redis-server`` is installed) for the IDProxy
   step.
 
-Both sides of every ratio run in this process, interleaved. Run:
+The step is the one ``torchrec-mm train`` runs (the ranker built by
+``trainer.build_model``, ``DistributedModelParallel`` at world size 1, TorchRec's fused
+embedding optimizer on the tables, Adam on the dense parameters). Both sides of every
+ratio run in this process, interleaved (``common.interleaved_median_times``). Run:
 ``python benchmarks/bench_store_training.py [--out PATH] [--redis]``.
 """
 
@@ -20,15 +23,17 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import median_time, train_step, write_result  # noqa: E402
+from common import interleaved_median_times, train_step, write_result  # noqa: E402
 
 from torchrec_mm.idproxy.artifacts import Proxies, group_basis  # noqa: E402
-from torchrec_mm.models.rankers import RankerConfig, RankerTrain, build_collections  # noqa: E402
-from torchrec_mm.models.rankers import build_ranker  # noqa: E402
-from torchrec_mm.plugins import PluginContext, apply_plugins, parse_spec  # noqa: E402
+from torchrec_mm.models.rankers import RankerConfig  # noqa: E402
+from torchrec_mm.plugins import parse_spec  # noqa: E402
 from torchrec_mm.serving.fields import idproxy_schema, write_idproxy_records  # noqa: E402
 from torchrec_mm.serving.store import ItemStore  # noqa: E402
 from torchrec_mm.testing import random_samples  # noqa: E402
+from torchrec_mm.training.distributed import init_distributed  # noqa: E402
+from torchrec_mm.training.trainer import TrainConfig, build_model, make_optimizer  # noqa: E402
+from torchrec_mm.training.trainer import shard_model  # noqa: E402
 
 N_ITEMS, DIM, GROUPS, D_CONTENT, Z_RANK = 20_000, 32, 3, 384, 32
 
@@ -43,18 +48,19 @@ def _proxies() -> Proxies:
                    z_basis=basis, meta={})
 
 
-def _step_fn(samples, kind, proxies, store, batch):
-    cfg = RankerConfig(kind=kind, embedding_dim=DIM)
-    torch.manual_seed(0)
-    ctx = PluginContext(layout=samples.layout, ranker=cfg, extras={"idproxy_proxies": proxies})
+def _step_fn(samples, kind, proxies, store, batch, dist_ctx):
+    """The trainer's step of the v5 ranker, its proxies' inputs from ``store`` (None:
+    the frozen input table)."""
     options = {"proxies": "-", "mode": "augment", "z_rank": Z_RANK}
     if store:
         options["store"] = store
+    cfg = TrainConfig(data="-", out="-", ranker=RankerConfig(kind=kind, embedding_dim=DIM),
+                      batch_size=len(batch.labels), progress=False, seed=0)
     spec = parse_spec({"plugins": [{"name": "idproxy", "options": options}]})
-    cols = apply_plugins(build_collections(samples.layout, cfg), spec, ctx)
-    model = RankerTrain(build_ranker(samples.layout, cfg, collections=cols))
-    opt = torch.optim.Adagrad([p for p in model.parameters() if p.requires_grad], lr=0.01)
-    return train_step(model, opt, batch)
+    model, plugins = build_model(cfg, samples.layout, spec=spec,
+                                 extras={"idproxy_proxies": proxies})
+    model = shard_model(model, cfg, dist_ctx, plugins)
+    return train_step(model, make_optimizer(model, cfg), batch)
 
 
 def main() -> None:
@@ -63,6 +69,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=2048)
     ap.add_argument("--redis", action="store_true", help="also the Redis backend")
     args = ap.parse_args()
+    dist_ctx = init_distributed(0, 1)
     samples = random_samples(num_interactions=300_000, num_users=2_000, num_items=N_ITEMS,
                              history_length=50, seed=0)
     proxies = _proxies()
@@ -85,14 +92,10 @@ def main() -> None:
                                           "bench", z_rank=Z_RANK)
         try:
             for kind in ("dlrm", "target_attention"):
-                steps = {"table": _step_fn(samples, kind, proxies, None, batch)}
+                steps = {"table": _step_fn(samples, kind, proxies, None, batch, dist_ctx)}
                 for name, loc in stores.items():
-                    steps[name] = _step_fn(samples, kind, proxies, loc, batch)
-                times = {k: [] for k in steps}
-                for _ in range(3):  # interleaved repeats: a shared, noisy machine
-                    for k, fn in steps.items():
-                        times[k].append(median_time(fn, repeat=3, warmup=1))
-                med = {k: float(np.median(v)) for k, v in times.items()}
+                    steps[name] = _step_fn(samples, kind, proxies, loc, batch, dist_ctx)
+                med = interleaved_median_times(steps, repeat=7, warmup=2, inner=3)
                 for k in stores:
                     ratio = med[k] / med["table"]
                     results[f"idproxy/{kind}/{k}"] = {"table_ms": med["table"] * 1e3,

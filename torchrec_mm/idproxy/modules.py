@@ -381,7 +381,8 @@ class CachedProxyBags(nn.Module):
     history's mean.
 
     * ``t_idproxy_inputs`` [N, c] ``concat(p_coarse, adaptor inputs)`` plus a presence
-      column (items with content), read by the item feature (one id per sample, SUM);
+      column (items with content), read by the item feature (one id per sample: its
+      mean is its row; MEAN like the other table, so both are one fbgemm TBE);
     * ``t_idproxy_history`` [N, w] ``concat(p_coarse, p_fine)`` as the adaptor last
       wrote it (:meth:`_ProxySource.write_history_cache`), read MEAN-pooled by the
       history feature.
@@ -406,7 +407,7 @@ class CachedProxyBags(nn.Module):
             self.bags = EmbeddingBagCollection(tables=[
                 EmbeddingBagConfig(name=INPUT_TABLE, embedding_dim=-(-(c + 1) // 4) * 4,
                                    num_embeddings=n, feature_names=self.features[:1],
-                                   pooling=PoolingType.SUM),
+                                   pooling=PoolingType.MEAN),
                 EmbeddingBagConfig(name=HISTORY_TABLE, embedding_dim=-(-width // 4) * 4,
                                    num_embeddings=n, feature_names=self.features[1:],
                                    pooling=PoolingType.MEAN)], device=device)
