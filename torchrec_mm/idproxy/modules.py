@@ -234,7 +234,6 @@ def _zero_absent(rows: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
 
 
 INPUT_TABLE = "t_idproxy_inputs"
-INPUT_FEATURE = "idproxy_rows"
 
 
 @torch.fx.wrap
@@ -251,13 +250,30 @@ def _lookup_values(out: Dict[str, JaggedTensor], key: str) -> torch.Tensor:
     return out[key].values().detach()
 
 
-def _frozen_weight(weight: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+def _padded(columns: int) -> int:
+    """A table's embedding dim for ``columns`` values: a multiple of 4 (FBGEMM)."""
+    return -(-columns // 4) * 4
+
+
+def _frozen_weight(weight: torch.Tensor, columns: torch.Tensor,
+                   present: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``weight`` [N, >= c] set to ``columns`` [N, c] (the padding columns zero) and
-    frozen (no gradient, no optimizer state); returned for further columns."""
+    frozen (no gradient, no optimizer state). With ``present`` ([N] bool, or True for
+    all) column c holds it as 1 / 0 (see :func:`_split_presence`)."""
     with torch.no_grad():
         weight.zero_()
         weight[:, :columns.shape[1]].copy_(columns)
+        if present is not None:
+            weight[:, columns.shape[1]] = (1.0 if present is True
+                                           else present.to(weight.dtype))
     return weight.requires_grad_(False)
+
+
+def _split_presence(values: torch.Tensor, columns: int
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Looked-up rows of a table written with a presence column -> (values [.., c],
+    present [..] bool)."""
+    return values[:, :columns], values[:, columns] > 0.5
 
 
 class ProxyInputs(nn.Module):
@@ -282,16 +298,15 @@ class ProxyInputs(nn.Module):
         n, c = columns.shape
         self.columns = int(c)
         self.name = name
-        self.feature = INPUT_FEATURE if name == INPUT_TABLE else f"{name}_rows"
+        self.feature = f"{name}_rows"
         # the table's random init is overwritten: do not consume the global RNG (the
         # rest of a seeded model initialises as it would without the table)
         with torch.random.fork_rng(devices=[]):
             self.table = EmbeddingCollection(tables=[EmbeddingConfig(
-                name=name, embedding_dim=-(-(c + 1) // 4) * 4, num_embeddings=n,
+                name=name, embedding_dim=_padded(c + 1), num_embeddings=n,
                 feature_names=[self.feature])], device=device)
-        weight = _frozen_weight(self.table.embeddings[name].weight, columns)
-        with torch.no_grad():
-            weight[:, c] = 1.0 if present is None else present.to(weight.dtype)
+        _frozen_weight(self.table.embeddings[name].weight, columns,
+                       True if present is None else present)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -300,7 +315,7 @@ class ProxyInputs(nn.Module):
 
     def forward(self, rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         values = _lookup_values(self.table(_rows_kjt(rows, self.feature)), self.feature)
-        return values[:, :self.columns], values[:, self.columns] > 0.5
+        return _split_presence(values, self.columns)
 
 
 STORED_TABLE = "t_idproxy_stored"
@@ -348,7 +363,7 @@ class StoredProxyBags(nn.Module):
         # the random init is overwritten: do not consume the global RNG
         with torch.random.fork_rng(devices=[]):
             self.bags = EmbeddingBagCollection(tables=[EmbeddingBagConfig(
-                name=STORED_TABLE, embedding_dim=-(-c // 4) * 4, num_embeddings=n,
+                name=STORED_TABLE, embedding_dim=_padded(c), num_embeddings=n,
                 feature_names=self.features, pooling=PoolingType.MEAN)], device=device)
         _frozen_weight(self.bags.embedding_bags[STORED_TABLE].weight, columns)
 
@@ -405,15 +420,14 @@ class CachedProxyBags(nn.Module):
         self.columns, self.width, self.features = int(c), int(width), list(features)
         with torch.random.fork_rng(devices=[]):  # the random init is overwritten
             self.bags = EmbeddingBagCollection(tables=[
-                EmbeddingBagConfig(name=INPUT_TABLE, embedding_dim=-(-(c + 1) // 4) * 4,
+                EmbeddingBagConfig(name=INPUT_TABLE, embedding_dim=_padded(c + 1),
                                    num_embeddings=n, feature_names=self.features[:1],
                                    pooling=PoolingType.MEAN),
-                EmbeddingBagConfig(name=HISTORY_TABLE, embedding_dim=-(-width // 4) * 4,
+                EmbeddingBagConfig(name=HISTORY_TABLE, embedding_dim=_padded(width),
                                    num_embeddings=n, feature_names=self.features[1:],
                                    pooling=PoolingType.MEAN)], device=device)
-        weight = _frozen_weight(self.bags.embedding_bags[INPUT_TABLE].weight, columns)
-        with torch.no_grad():
-            weight[:, c] = 1.0 if present is None else present.to(weight.dtype)
+        _frozen_weight(self.bags.embedding_bags[INPUT_TABLE].weight, columns,
+                       True if present is None else present)
         _frozen_weight(self.bags.embedding_bags[HISTORY_TABLE].weight,
                        torch.zeros(n, width))
 
@@ -425,7 +439,7 @@ class CachedProxyBags(nn.Module):
     def forward(self, rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         (values,) = _bag_values(self.bags(_one_id_bags(self.features, rows)),
                                self.features[:1], self.columns + 1)
-        return values[:, :self.columns], values[:, self.columns] > 0.5
+        return _split_presence(values, self.columns)
 
     def pooled(self, t_ids: torch.Tensor, t_len: torch.Tensor, h_ids: torch.Tensor,
                h_len: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -434,7 +448,7 @@ class CachedProxyBags(nn.Module):
         kt = self.bags(_item_kjt(self.features, [t_ids, h_ids], [t_len, h_len]))
         (t,) = _bag_values(kt, self.features[:1], self.columns + 1)
         (h,) = _bag_values(kt, self.features[1:], self.width)
-        return t[:, :self.columns], t[:, self.columns] > 0.5, h
+        return (*_split_presence(t, self.columns), h)
 
 
 @torch.fx.wrap
@@ -909,9 +923,8 @@ class _ProxySource(nn.Module):
             device = self.use_proxy.device
             rows = torch.cat([torch.arange(a, b, device=device) for a, b in spans if a < b]
                              or [torch.zeros(0, dtype=torch.long, device=device)])
-            pc, z, present = self.fine.lookup(rows)
-            values = _zero_absent(torch.cat([pc, self.fine_map(pc) + self.fine.gated(pc, z)],
-                                            dim=1), present)
+            pc, pf, present = self.fine.compute(rows)
+            values = _zero_absent(torch.cat([pc, pf], dim=1), present)
             at = 0
             for (r0, c0, t), (a, b) in zip(shards, spans):
                 if a >= b:
@@ -1002,7 +1015,6 @@ class IDProxyEmbeddingCollection(nn.Module):
         t_ids = _check_ids(t_ids, n_items, self.table_name, self.keys[0])
         h_ids = _check_ids(h_ids, n_items, self.table_name, self.keys[1])
         n_t = t_ids.shape[0]
-        ids = torch.cat([t_ids, h_ids])
         emb_t, emb_h = _seq_values(seq, self.keys[0]), _seq_values(seq, self.keys[1])
         if self.config.mode == "augment" and self.source.history_rows is not None:
             # the targets' proxies live (gradient into the adaptor), the history's from
@@ -1011,7 +1023,9 @@ class IDProxyEmbeddingCollection(nn.Module):
             index, tables, _ = self.source.slot_tables(t_ids)
             values_t = torch.cat([emb_t] + [t.index_select(0, index) for t in tables], dim=1)
             values_h = torch.cat([emb_h, self.source.history_rows(h_ids)[0]], dim=1)
-        elif self.config.mode == "augment" and not self.config.history_grad:
+            return _replace_seq(seq, self.keys, [values_t, values_h])
+        ids = torch.cat([t_ids, h_ids])
+        if self.config.mode == "augment" and not self.config.history_grad:
             index, pc, gated_t, gated = _split_parts(self.source, ids, n_t)
             i_t, i_h = index[:n_t], index[n_t:]
             pc_t = pc.index_select(0, i_t)
