@@ -35,7 +35,13 @@ from typing import Any, Callable, Dict
 
 from torchrec_mm.redrec.sequences import POLICIES
 from torchrec_mm.redrec.item_tower import ITEM_INITS
-from torchrec_mm.redrec.tower import EVENT_MEANS, INITS, ITEM_EMBEDDINGS, LM_POSITIONS
+from torchrec_mm.redrec.tower import (
+    EVENT_MEANS,
+    INITS,
+    ITEM_EMBEDDINGS,
+    LM_POSITIONS,
+    TABLE_INITS,
+)
 from torchrec_mm.training.sharding import SHARDING_TYPES
 
 _KS_HELP = "comma-separated cutoffs K of HR/NDCG/MRR@K, e.g. 10,50,100,1000"
@@ -122,6 +128,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--event-mean", choices=EVENT_MEANS, help="where the user's mean event "
                    "vector enters the tower besides the LM's attention: output (a path "
                    "around the LM) or queries (the query tokens start from it)")
+    p.add_argument("--table-init", choices=TABLE_INITS, help="how the tower's embedding "
+                   "tables start: lm (N(0, 0.02^2), default) or torchrec (+-1/sqrt(rows))")
     p.add_argument("--content-field", choices=["emb_token", "pooled"])
     p.add_argument("--center-items", action="store_true", default=None,
                    help="subtract the catalogue mean from the frozen item vectors "

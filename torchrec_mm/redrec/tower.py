@@ -34,6 +34,12 @@ table               rows                          features
 ``_action``         ``num_actions`` (if > 0)      ``seq_action_bit`` (derived)
 =================== ============================ ===============================
 
+Every table starts from ``N(0, initializer_range^2)`` of the LM (``table_init="lm"``,
+BERT: std 0.02, how the LM initialises its own token and position embeddings), so the
+event vector, the sum of one row of each, is not dominated by whichever table is
+smallest, as it is under TorchRec's default ``±1/sqrt(rows)`` (``table_init=
+"torchrec"``).
+
 **Actions** are multi-hot (an event can be liked *and* shared). The paper embeds the
 flag vector densely (``a_j = multi_hot_j @ W_action``); this is done with a *per-bit
 table*: the tower turns the ``seq_actions`` bit masks into a derived jagged feature
@@ -134,6 +140,7 @@ __all__ = [
     "LM_POSITIONS",
     "SEQ_ACTION_BIT",
     "ShardedUserTower",
+    "TABLE_INITS",
     "UserTower",
     "UserTowerConfig",
     "UserTowerEncoder",
@@ -146,6 +153,8 @@ ITEM_EMBEDDINGS: Tuple[str, ...] = ("id", "content")
 LM_POSITIONS: Tuple[str, ...] = ("lm", "none")
 #: where the user's mean event vector enters the tower (``UserTowerConfig.event_mean``)
 EVENT_MEANS: Tuple[str, ...] = ("none", "output", "queries")
+#: how the tower's EC tables start (``UserTowerConfig.table_init``)
+TABLE_INITS: Tuple[str, ...] = ("lm", "torchrec")
 CAND_ITEM = "cand_item_id"
 """Optional KJT key: candidate items per row, embedded by the item side."""
 SEQ_ACTION_BIT = "seq_action_bit"
@@ -202,6 +211,15 @@ class UserTowerConfig:
             nothing of the events to the queries (mean cosine 0.99+ between users'
             interests), while a tower made of the mean alone learned personal
             interests (``plugins/redrec-mixing-sparse.yaml`` has the runs).
+        table_init: how the EC tables (item ids, actions, hours, scenarios, positions,
+            gap buckets) start: ``"lm"`` (default): ``N(0, initializer_range^2)``, as
+            the LM initialises its own token and position embeddings (BERT: std 0.02),
+            so every table adds a small term to the event vector and none drowns the
+            others; ``"torchrec"``: TorchRec's default, uniform in ``±1/sqrt(rows)``,
+            which scales with the table's size: the 3-row scenario table starts at an
+            rms norm of 2.7 (d = 64), the action bits at 2.2, a 5000-row item table at
+            0.07 and the projected content vectors at ~1.1, so small tables dominated
+            the event vectors (the default up to session 18).
         table_prefix: prefix of the table names (unique within a model).
         trust_remote_code: passed to transformers.
     """
@@ -222,6 +240,7 @@ class UserTowerConfig:
     item_init: str = "pretrained"
     lm_positions: str = "lm"
     event_mean: str = "none"
+    table_init: str = "lm"
     table_prefix: str = "t_redrec"
     trust_remote_code: bool = False
 
@@ -256,6 +275,9 @@ class UserTowerConfig:
         if self.event_mean not in EVENT_MEANS:
             raise ValueError(f"event_mean must be one of {EVENT_MEANS}, got "
                              f"{self.event_mean!r}")
+        if self.table_init not in TABLE_INITS:
+            raise ValueError(f"table_init must be one of {TABLE_INITS}, got "
+                             f"{self.table_init!r}")
 
     @property
     def num_interests(self) -> int:
@@ -470,29 +492,26 @@ class UserTowerEncoder(nn.Module):
 # --------------------------------------------------------------------------- the tower
 
 
-def table_configs(cfg: UserTowerConfig, dim: int) -> List[EmbeddingConfig]:
-    """The tower's EC tables (module doc)."""
+def table_configs(cfg: UserTowerConfig, dim: int, init_std: float = 0.02
+                  ) -> List[EmbeddingConfig]:
+    """The tower's EC tables (module doc); with ``cfg.table_init == "lm"`` each starts
+    from ``N(0, init_std^2)`` (the LM's ``initializer_range``)."""
     p = cfg.table_prefix
-    tables = []
+    init: Dict[str, Any] = ({"init_fn": partial(nn.init.normal_, mean=0.0,
+                                                std=float(init_std))}
+                            if cfg.table_init == "lm" else {})
+    specs: List[Tuple[str, int, List[str]]] = []
     if cfg.item_embedding == "id":
-        tables.append(EmbeddingConfig(name=f"{p}_item", embedding_dim=dim,
-                                      num_embeddings=cfg.num_items,
-                                      feature_names=[SEQ_ITEM, CAND_ITEM]))
-    tables += [
-        EmbeddingConfig(name=f"{p}_scenario", embedding_dim=dim,
-                        num_embeddings=cfg.num_scenarios, feature_names=[SEQ_SCENARIO]),
-        EmbeddingConfig(name=f"{p}_hour", embedding_dim=dim, num_embeddings=NUM_HOURS,
-                        feature_names=[SEQ_HOUR]),
-        EmbeddingConfig(name=f"{p}_pos", embedding_dim=dim, num_embeddings=cfg.last_n,
-                        feature_names=[SEQ_POS]),
-        EmbeddingConfig(name=f"{p}_gap", embedding_dim=dim,
-                        num_embeddings=cfg.num_gap_buckets, feature_names=[SEQ_GAP]),
-    ]
+        specs.append(("item", cfg.num_items, [SEQ_ITEM, CAND_ITEM]))
+    specs += [("scenario", cfg.num_scenarios, [SEQ_SCENARIO]),
+              ("hour", NUM_HOURS, [SEQ_HOUR]),
+              ("pos", cfg.last_n, [SEQ_POS]),
+              ("gap", cfg.num_gap_buckets, [SEQ_GAP])]
     if cfg.num_actions:
-        tables.append(EmbeddingConfig(name=f"{p}_action", embedding_dim=dim,
-                                      num_embeddings=cfg.num_actions,
-                                      feature_names=[SEQ_ACTION_BIT]))
-    return tables
+        specs.append(("action", cfg.num_actions, [SEQ_ACTION_BIT]))
+    return [EmbeddingConfig(name=f"{p}_{name}", embedding_dim=dim, num_embeddings=rows,
+                            feature_names=features, **init)
+            for name, rows, features in specs]
 
 
 def _check_range(name: str, values: torch.Tensor, high: int) -> None:
@@ -646,7 +665,8 @@ class UserTower(nn.Module):
                                    dropout=self.config.item_dropout)
         self.encoder = UserTowerEncoder(self.config, lm, item_vectors, item_tower)
         self.embeddings = EmbeddingCollection(
-            tables=table_configs(self.config, self.encoder.dim), device=device)
+            tables=table_configs(self.config, self.encoder.dim, self.encoder.init_range),
+            device=device)
 
     @property
     def num_interests(self) -> int:

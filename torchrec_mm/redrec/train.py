@@ -144,6 +144,7 @@ from torchrec_mm.redrec.tower import (
     INITS,
     ITEM_EMBEDDINGS,
     LM_POSITIONS,
+    TABLE_INITS,
     UserTower,
     UserTowerConfig,
     UserTowerSharder,
@@ -214,6 +215,11 @@ class RedRecConfig:
         event_mean: ``"none"``, ``"output"`` (a linear map of the user's mean event
             vector added to every interest, around the LM) or ``"queries"`` (the query
             tokens start from it): ``UserTowerConfig.event_mean``.
+        table_init: ``"lm"`` (the tower's tables start from ``N(0, 0.02^2)``, the LM's
+            own embedding init) or ``"torchrec"`` (TorchRec's ``±1/sqrt(rows)``, under
+            which the small scenario and action tables dominated the event vectors):
+            ``UserTowerConfig.table_init``. Runs written before the option existed
+            were trained with ``"torchrec"`` and are read so.
         policy / last_n / quotas: :class:`~torchrec_mm.redrec.sequences.MixConfig`.
         window: W, the look-ahead window (paper 10); min_history: events kept as input.
         target_actions: the actions that make an event a positive (e.g. ``["is_click"]``
@@ -268,6 +274,7 @@ class RedRecConfig:
     item_init: str = "pretrained"
     lm_positions: str = "lm"
     event_mean: str = "none"
+    table_init: str = "lm"
     center_items: bool = False
     embedding_dim: int = 0
     interests_per_scenario: int = 3
@@ -322,7 +329,7 @@ class RedRecConfig:
 
         self.eval_ks = tuple(int(k) for k in self.eval_ks)
         choices = {"init": INITS, "item_init": ITEM_INITS, "lm_positions": LM_POSITIONS,
-                   "event_mean": EVENT_MEANS,
+                   "event_mean": EVENT_MEANS, "table_init": TABLE_INITS,
                    "item_embedding": ITEM_EMBEDDINGS,
                    "policy": POLICIES,
                    "loss": LOSSES, "negatives": NEGATIVES, "cutoffs": CUTOFFS,
@@ -705,7 +712,8 @@ def build_model(cfg: RedRecConfig) -> RedRecModel:
         interests_per_scenario=cfg.interests_per_scenario,
         item_embedding=cfg.item_embedding, item_states=cfg.item_states,
         embedding_dim=cfg.embedding_dim, dropout=cfg.dropout, item_dropout=cfg.item_dropout,
-        item_init=cfg.item_init, lm_positions=cfg.lm_positions, event_mean=cfg.event_mean)
+        item_init=cfg.item_init, lm_positions=cfg.lm_positions, event_mean=cfg.event_mean,
+        table_init=cfg.table_init)
     return RedRecModel(UserTower(tower_cfg, item_vectors=vecs), cfg)
 
 
@@ -893,9 +901,12 @@ def evaluate_redrec(model: nn.Module, cfg: RedRecConfig, ctx: DistContext,
 
 def normalized_redrec_config(raw: Dict[str, Any]) -> Dict[str, Any]:
     """A stored RED-Rec run configuration with the defaults of options added since it
-    was written; as stored when it no longer parses."""
+    was written (``table_init``: ``"torchrec"``, what such runs used); as stored when
+    it no longer parses."""
+    raw = dict(raw)
+    raw.setdefault("table_init", "torchrec")
     try:
-        return json.loads(json.dumps(RedRecConfig.from_dict(dict(raw)).to_dict()))
+        return json.loads(json.dumps(RedRecConfig.from_dict(raw).to_dict()))
     except (TypeError, ValueError):
         return raw
 
