@@ -215,8 +215,8 @@ class RedRecConfig:
         event_mean: ``"none"``, ``"output"`` (a linear map of the user's mean event
             vector added to every interest, around the LM) or ``"queries"`` (the query
             tokens start from it): ``UserTowerConfig.event_mean``.
-        table_init: ``"lm"`` (the tower's tables start from ``N(0, 0.02^2)``, the LM's
-            own embedding init) or ``"torchrec"`` (TorchRec's ``±1/sqrt(rows)``, under
+        table_init: ``"lm"`` (the tower's tables start from ``N(0, r^2)``, ``r`` the
+            LM's ``initializer_range``, 0.02 for MiniLM: the LM's own embedding init) or ``"torchrec"`` (TorchRec's ``±1/sqrt(rows)``, under
             which the small scenario and action tables dominated the event vectors):
             ``UserTowerConfig.table_init``. Runs written before the option existed
             were trained with ``"torchrec"`` and are read so.
