@@ -219,7 +219,7 @@ class UserTowerConfig:
             which scales with the table's size: the 3-row scenario table starts at an
             rms norm of 2.7 (d = 64), the action bits at 2.2, a 5000-row item table at
             0.07 and the projected content vectors at ~1.1, so small tables dominated
-            the event vectors (the default up to session 18).
+            the event vectors (the tower's init before this option existed).
         table_prefix: prefix of the table names (unique within a model).
         trust_remote_code: passed to transformers.
     """
