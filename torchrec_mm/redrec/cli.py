@@ -129,8 +129,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    "vector enters the tower besides the LM's attention: output (a path "
                    "around the LM) or queries (the query tokens start from it)")
     p.add_argument("--table-init", choices=TABLE_INITS, help="how the tower's embedding "
-                   "tables start: lm (default: normal with the LM's initializer_range as "
-                   "std, 0.02 for MiniLM) or torchrec (uniform +-1/sqrt(rows))")
+                   "tables start: torchrec (default: uniform +-1/sqrt(rows)) or lm (normal "
+                   "with the LM's initializer_range as std, 0.02 for MiniLM)")
     p.add_argument("--content-field", choices=["emb_token", "pooled"])
     p.add_argument("--center-items", action="store_true", default=None,
                    help="subtract the catalogue mean from the frozen item vectors "

@@ -230,11 +230,9 @@ def test_event_changes_only_its_user(bert):
     ev3[SEQ_ACTIONS][0] ^= 1                                         # user 0's action bit
     with torch.no_grad():
         a, b, c = (tower(to_kjt(e, lengths)) for e in (ev, ev2, ev3))
-    # (the tables start at std 0.02, so one action bit moves the output by ~5e-5: far
-    # above float noise, ~1e-7, which is what the batch-mates see)
-    assert (a[1] - b[1]).abs().max() > 1e-5
+    assert (a[1] - b[1]).abs().max() > 1e-4
     torch.testing.assert_close(a[[0, 2]], b[[0, 2]], atol=1e-6, rtol=0)
-    assert (a[0] - c[0]).abs().max() > 1e-5
+    assert (a[0] - c[0]).abs().max() > 1e-4
 
 
 def test_lm_positions_none_leaves_order_to_the_position_tables(bert):
@@ -250,10 +248,7 @@ def test_lm_positions_none_leaves_order_to_the_position_tables(bert):
         perm[k] = perm[k][order]
     outs = {}
     for mode in ("none", "lm"):
-        # TorchRec's table init: events large enough that their order moves the output
-        # well past float noise (with the default N(0, 0.02^2) tables the tiny LM's
-        # outputs move by ~1e-5)
-        tower = _tower(bert, lm_positions=mode, table_init="torchrec")
+        tower = _tower(bert, lm_positions=mode)
         with torch.no_grad():
             # the tiny LM's random position table is small next to the inputs: make it
             # count (in both modes: 'none' must ignore it however large)
@@ -317,19 +312,20 @@ def test_init_modes_pretrained_scratch_frozen(bert):
 
 def test_table_init_follows_the_lm(bert, tmp_path):
     """table_init="lm": every EC table starts from N(0, initializer_range^2), whatever
-    its size; "torchrec": TorchRec's uniform +-1/sqrt(rows), large for small tables."""
+    its size; "torchrec" (default): TorchRec's uniform +-1/sqrt(rows), large for small
+    tables."""
     from transformers import BertConfig, BertModel
 
     def tables(tower: UserTower) -> Dict[str, torch.Tensor]:
         return {k.split(".")[-2]: v for k, v in tower.embeddings.state_dict().items()}
 
-    lm = tables(_tower(bert, item_embedding="id"))
+    lm = tables(_tower(bert, item_embedding="id", table_init="lm"))
     assert set(lm) == {"t_redrec_item", "t_redrec_scenario", "t_redrec_hour",
                        "t_redrec_pos", "t_redrec_gap", "t_redrec_action"}
     values = torch.cat([w.flatten() for w in lm.values()])
     assert 0.017 < float(values.std()) < 0.023            # BERT's 0.02, ~1600 values
     assert float(lm["t_redrec_scenario"].abs().max()) < 0.1
-    tr = tables(_tower(bert, item_embedding="id", table_init="torchrec"))
+    tr = tables(_tower(bert, item_embedding="id"))
     for name, w in tr.items():
         bound = (1.0 / w.shape[0]) ** 0.5
         assert float(w.abs().max()) <= bound and float(w.abs().max()) > 0.5 * bound, name
@@ -340,7 +336,8 @@ def test_table_init_follows_the_lm(bert, tmp_path):
                          num_attention_heads=4, intermediate_size=64,
                          max_position_embeddings=64, initializer_range=0.1)
               ).save_pretrained(wide)
-    values = torch.cat([w.flatten() for w in tables(_tower(wide, item_embedding="id")).values()])
+    values = torch.cat([w.flatten() for w in tables(
+        _tower(wide, item_embedding="id", table_init="lm")).values()])
     assert 0.085 < float(values.std()) < 0.115
     with pytest.raises(ValueError, match="table_init must be one of"):
         _cfg(bert, table_init="uniform")

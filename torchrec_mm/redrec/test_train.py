@@ -402,14 +402,6 @@ def test_resume_equals_uninterrupted(env):
     del stored["eval_seed"]
     path.write_text(json.dumps(stored))
     assert train_redrec(_cfg(env, "resumed", **kw))["steps"] == full["steps"]
-    # ... except table_init: such a run started from TorchRec's table init, so it is
-    # read as table_init="torchrec", not as the current default
-    del stored["table_init"]
-    path.write_text(json.dumps(stored))
-    with pytest.raises(ValueError, match="table_init: 'torchrec' -> 'lm'"):
-        train_redrec(_cfg(env, "resumed", **kw))
-    assert train_redrec(_cfg(env, "resumed", table_init="torchrec", **kw))["steps"] == \
-        full["steps"]
 
 
 @pytest.fixture(scope="module")

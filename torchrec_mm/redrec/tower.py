@@ -34,11 +34,10 @@ table               rows                          features
 ``_action``         ``num_actions`` (if > 0)      ``seq_action_bit`` (derived)
 =================== ============================ ===============================
 
-Every table starts from ``N(0, initializer_range^2)`` of the LM (``table_init="lm"``,
-BERT: std 0.02, how the LM initialises its own token and position embeddings), so the
-event vector, the sum of one row of each, is not dominated by whichever table is
-smallest, as it is under TorchRec's default ``±1/sqrt(rows)`` (``table_init=
-"torchrec"``).
+Every table starts from TorchRec's default, uniform in ``±1/sqrt(rows)``
+(``table_init="torchrec"``), or from the LM's own embedding init ``N(0,
+initializer_range^2)`` (``table_init="lm"``, BERT: std 0.02), under which no table's
+share of the event vector (the sum of one row of each) depends on its size.
 
 **Actions** are multi-hot (an event can be liked *and* shared). The paper embeds the
 flag vector densely (``a_j = multi_hot_j @ W_action``); this is done with a *per-bit
@@ -212,14 +211,15 @@ class UserTowerConfig:
             interests), while a tower made of the mean alone learned personal
             interests (``plugins/redrec-mixing-sparse.yaml`` has the runs).
         table_init: how the EC tables (item ids, actions, hours, scenarios, positions,
-            gap buckets) start: ``"lm"`` (default): ``N(0, initializer_range^2)``, as
-            the LM initialises its own token and position embeddings (BERT: std 0.02),
-            so every table adds a small term to the event vector and none drowns the
-            others; ``"torchrec"``: TorchRec's default, uniform in ``±1/sqrt(rows)``,
-            which scales with the table's size: the 3-row scenario table starts at an
-            rms norm of 2.7 (d = 64), the action bits at 2.2, a 5000-row item table at
-            0.07 and the projected content vectors at ~1.1, so small tables dominated
-            the event vectors (the tower's init before this option existed).
+            gap buckets) start: ``"torchrec"`` (default): TorchRec's uniform in
+            ``±1/sqrt(rows)``, which scales with the table's size (on ``data synth``
+            defaults, d = 64, the 3-row scenario table starts at an rms norm of 2.7,
+            the action bits at 2.2, a 5000-row item table at 0.07, the projected
+            content vectors at ~1.1); ``"lm"``: ``N(0, initializer_range^2)``, as the
+            LM initialises its own token and position embeddings (BERT: std 0.02), so
+            every table adds a small term and none drowns the others. Measured, not
+            the default: higher HR@10 / HR@100 on MovieLens 100K, lower HR@100 /
+            HR@1000 on the 8000-user generated log (README, RED-Rec).
         table_prefix: prefix of the table names (unique within a model).
         trust_remote_code: passed to transformers.
     """
@@ -240,7 +240,7 @@ class UserTowerConfig:
     item_init: str = "pretrained"
     lm_positions: str = "lm"
     event_mean: str = "none"
-    table_init: str = "lm"
+    table_init: str = "torchrec"
     table_prefix: str = "t_redrec"
     trust_remote_code: bool = False
 

@@ -215,11 +215,11 @@ class RedRecConfig:
         event_mean: ``"none"``, ``"output"`` (a linear map of the user's mean event
             vector added to every interest, around the LM) or ``"queries"`` (the query
             tokens start from it): ``UserTowerConfig.event_mean``.
-        table_init: ``"lm"`` (the tower's tables start from ``N(0, r^2)``, ``r`` the
-            LM's ``initializer_range``, 0.02 for MiniLM: the LM's own embedding init) or ``"torchrec"`` (TorchRec's ``±1/sqrt(rows)``, under
-            which the small scenario and action tables dominated the event vectors):
-            ``UserTowerConfig.table_init``. Runs written before the option existed
-            were trained with ``"torchrec"`` and are read so.
+        table_init: ``"torchrec"`` (default: TorchRec's ``±1/sqrt(rows)``, under which
+            the small scenario and action tables make most of the event vectors) or
+            ``"lm"`` (the tower's tables start from ``N(0, r^2)``, ``r`` the LM's
+            ``initializer_range``, 0.02 for MiniLM: the LM's own embedding init):
+            ``UserTowerConfig.table_init``.
         policy / last_n / quotas: :class:`~torchrec_mm.redrec.sequences.MixConfig`.
         window: W, the look-ahead window (paper 10); min_history: events kept as input.
         target_actions: the actions that make an event a positive (e.g. ``["is_click"]``
@@ -274,7 +274,7 @@ class RedRecConfig:
     item_init: str = "pretrained"
     lm_positions: str = "lm"
     event_mean: str = "none"
-    table_init: str = "lm"
+    table_init: str = "torchrec"
     center_items: bool = False
     embedding_dim: int = 0
     interests_per_scenario: int = 3
@@ -901,12 +901,9 @@ def evaluate_redrec(model: nn.Module, cfg: RedRecConfig, ctx: DistContext,
 
 def normalized_redrec_config(raw: Dict[str, Any]) -> Dict[str, Any]:
     """A stored RED-Rec run configuration with the defaults of options added since it
-    was written (``table_init``: ``"torchrec"``, what such runs used); as stored when
-    it no longer parses."""
-    raw = dict(raw)
-    raw.setdefault("table_init", "torchrec")
+    was written; as stored when it no longer parses."""
     try:
-        return json.loads(json.dumps(RedRecConfig.from_dict(raw).to_dict()))
+        return json.loads(json.dumps(RedRecConfig.from_dict(dict(raw)).to_dict()))
     except (TypeError, ValueError):
         return raw
 
