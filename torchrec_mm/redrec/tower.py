@@ -153,7 +153,7 @@ LM_POSITIONS: Tuple[str, ...] = ("lm", "none")
 #: where the user's mean event vector enters the tower (``UserTowerConfig.event_mean``)
 EVENT_MEANS: Tuple[str, ...] = ("none", "output", "queries")
 #: how the tower's EC tables start (``UserTowerConfig.table_init``)
-TABLE_INITS: Tuple[str, ...] = ("lm", "torchrec")
+TABLE_INITS: Tuple[str, ...] = ("torchrec", "lm")
 CAND_ITEM = "cand_item_id"
 """Optional KJT key: candidate items per row, embedded by the item side."""
 SEQ_ACTION_BIT = "seq_action_bit"
