@@ -917,10 +917,10 @@ class _ProxySource(nn.Module):
         width = 2 * self.dim
         shards = _writable_shards(self.history_rows if self.history_rows is not None
                                   else self.fine.inputs, HISTORY_TABLE)
+        device = self.use_proxy.device
         for lo in range(0, self._num_items, chunk):
             hi = min(self._num_items, lo + chunk)
             spans = [(max(lo, r0), min(hi, r0 + t.shape[0])) for r0, _, t in shards]
-            device = self.use_proxy.device
             rows = torch.cat([torch.arange(a, b, device=device) for a, b in spans if a < b]
                              or [torch.zeros(0, dtype=torch.long, device=device)])
             pc, pf, present = self.fine.compute(rows)
@@ -1016,7 +1016,7 @@ class IDProxyEmbeddingCollection(nn.Module):
         h_ids = _check_ids(h_ids, n_items, self.table_name, self.keys[1])
         n_t = t_ids.shape[0]
         emb_t, emb_h = _seq_values(seq, self.keys[0]), _seq_values(seq, self.keys[1])
-        if self.config.mode == "augment" and self.source.history_rows is not None:
+        if self.source.history_rows is not None:  # history_refresh (mode augment)
             # the targets' proxies live (gradient into the adaptor), the history's from
             # the table the adaptor rewrites every history_refresh steps
             _refresh_history(self.source, self.training, h_ids)

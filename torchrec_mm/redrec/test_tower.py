@@ -36,7 +36,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 NUM_ITEMS, S, A, LAST_N, GAPS = 40, 2, 3, 10, 21
 
 
-def build_tiny_bert(path: str, seed: int = 0, dropout: float = 0.0) -> str:
+def build_tiny_bert(path: str, seed: int = 0, dropout: float = 0.0,
+                    initializer_range: float = 0.02) -> str:
     """Saves a tiny random ``BertModel`` (hidden 32, 2 layers) to ``path``."""
     from transformers import BertConfig, BertModel
 
@@ -44,7 +45,8 @@ def build_tiny_bert(path: str, seed: int = 0, dropout: float = 0.0) -> str:
     BertModel(BertConfig(vocab_size=16, hidden_size=32, num_hidden_layers=2,
                          num_attention_heads=4, intermediate_size=64,
                          max_position_embeddings=64, hidden_dropout_prob=dropout,
-                         attention_probs_dropout_prob=dropout)).save_pretrained(path)
+                         attention_probs_dropout_prob=dropout,
+                         initializer_range=initializer_range)).save_pretrained(path)
     return path
 
 
@@ -314,8 +316,6 @@ def test_table_init_follows_the_lm(bert, tmp_path):
     """table_init="lm": every EC table starts from N(0, initializer_range^2), whatever
     its size; "torchrec" (default): TorchRec's uniform +-1/sqrt(rows), large for small
     tables."""
-    from transformers import BertConfig, BertModel
-
     def tables(tower: UserTower) -> Dict[str, torch.Tensor]:
         return {k.split(".")[-2]: v for k, v in tower.embeddings.state_dict().items()}
 
@@ -331,11 +331,7 @@ def test_table_init_follows_the_lm(bert, tmp_path):
         assert float(w.abs().max()) <= bound and float(w.abs().max()) > 0.5 * bound, name
     assert float(tr["t_redrec_scenario"].std()) > 0.3      # 2 rows: +-0.71
     # another LM's initializer_range is followed
-    wide = str(tmp_path / "wide")
-    BertModel(BertConfig(vocab_size=16, hidden_size=32, num_hidden_layers=2,
-                         num_attention_heads=4, intermediate_size=64,
-                         max_position_embeddings=64, initializer_range=0.1)
-              ).save_pretrained(wide)
+    wide = build_tiny_bert(str(tmp_path / "wide"), initializer_range=0.1)
     values = torch.cat([w.flatten() for w in tables(
         _tower(wide, item_embedding="id", table_init="lm")).values()])
     assert 0.085 < float(values.std()) < 0.115
