@@ -33,6 +33,7 @@ import argparse
 import json
 from typing import Any, Callable, Dict
 
+from torchrec_mm.redrec.losses import ITEM_BIASES
 from torchrec_mm.redrec.sequences import POLICIES
 from torchrec_mm.redrec.item_tower import ITEM_INITS
 from torchrec_mm.redrec.tower import (
@@ -131,6 +132,11 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--table-init", choices=TABLE_INITS, help="how the tower's embedding "
                    "tables start: torchrec (default: uniform +-1/sqrt(rows)) or lm (normal "
                    "with the LM's initializer_range as std, 0.02 for MiniLM)")
+    p.add_argument("--item-bias", choices=ITEM_BIASES, help="a learned per-item logit "
+                   "offset added to cos/tau in training and evaluation: none (default), zero "
+                   "(starts at 0) or log_count (starts at the log train-split count)")
+    p.add_argument("--item-bias-lr", type=float, help="Adam learning rate of the item bias "
+                   "(default 0.01)")
     p.add_argument("--content-field", choices=["emb_token", "pooled"])
     p.add_argument("--center-items", action="store_true", default=None,
                    help="subtract the catalogue mean from the frozen item vectors "

@@ -14,7 +14,11 @@ string) the per-interest lists are approximate and so is the result
 (:func:`recall_at_n` measures it against the exact one).
 
 Scores are inner products; with ``normalize=True`` (default) items and interests are
-l2-normalised first, i.e. cosines.
+l2-normalised first, i.e. cosines. A model trained with an item bias (``RedRecConfig.
+item_bias``) scores ``scale · cos + b_i``: ``ItemIndex(..., item_bias=b,
+query_scale=scale)`` indexes ``[v_i, b_i]`` and searches with ``[scale · u_k, 1]``, so
+the same per-interest search + merge returns the max over interests of that score (the
+argument above holds for any per-interest score).
 
 Example::
 
@@ -140,13 +144,16 @@ class ItemIndex:
         item_vecs: [N, d] item vectors (the item tower's, e.g. ``embed_cases``' output).
         config: :class:`IndexConfig`.
         item_ids: [N] int64 ids of the rows (default ``arange(N)``).
+        item_bias: optional [N] per-item score offsets (module doc), with
+            ``query_scale`` the factor of the (normalised) query's inner product.
 
     Attributes:
         build_seconds: wall time of training + adding.
     """
 
     def __init__(self, item_vecs: ArrayLike, config: Optional[IndexConfig] = None,
-                 item_ids: Optional[ArrayLike] = None) -> None:
+                 item_ids: Optional[ArrayLike] = None,
+                 item_bias: Optional[ArrayLike] = None, query_scale: float = 1.0) -> None:
         import faiss
 
         from torchrec_mm.qarm.codes import faiss_threads
@@ -156,6 +163,17 @@ class ItemIndex:
         n, d = x.shape
         if n == 0:
             raise ValueError("item_vecs: empty catalogue")
+        self.query_scale = float(query_scale)
+        self.biased = item_bias is not None
+        if self.biased:
+            b = _f32(np.asarray(item_bias, dtype=np.float32).reshape(-1, 1), "item_bias",
+                     False)
+            if b.shape[0] != n:
+                raise ValueError(f"item_bias: expected [{n}], got [{b.shape[0]}]")
+            if not (np.isfinite(self.query_scale) and self.query_scale > 0):
+                raise ValueError(f"query_scale: must be finite and > 0, got {query_scale}")
+            x = np.ascontiguousarray(np.concatenate([x, b], 1))
+            d += 1
         self.item_ids = (np.arange(n, dtype=np.int64) if item_ids is None
                          else np.asarray(item_ids, dtype=np.int64))
         if self.item_ids.shape != (n,):
@@ -209,8 +227,12 @@ class ItemIndex:
         from torchrec_mm.qarm.codes import faiss_threads
 
         q = _f32(queries, "queries", self.config.normalize)
-        if q.shape[1] != self.index.d:
-            raise ValueError(f"queries have dim {q.shape[1]}, the index {self.index.d}")
+        dim = self.index.d - int(self.biased)
+        if q.shape[1] != dim:
+            raise ValueError(f"queries have dim {q.shape[1]}, the index {dim}")
+        if self.biased:  # [scale * u, 1] . [v, b] = scale * <u, v> + b
+            q = np.ascontiguousarray(np.concatenate(
+                [q * self.query_scale, np.ones((q.shape[0], 1), np.float32)], 1))
         k = int(min(k, self.num_items))
         self._tune(k)
         with faiss_threads(self.config.threads):

@@ -9,8 +9,10 @@ runs per request).
                           # latest checkpoint: learned item-ID rows, or the item tower
                           # -- frozen content vectors or the jointly trained top layers
                           # -- through the projection), for every catalogue id
+                          # and, for a run with an item bias, bias [N]
       manifest.json       # written last: run, config_hash, checkpoint, step, N, d,
-                          # item side, the index factory
+                          # item side, the index factory, item_bias / query_scale
+                          # (1/τ: the index scores scale · cos + bias)
 
 :func:`load_item_index` rebuilds the faiss :class:`~torchrec_mm.redrec.index.ItemIndex`
 from it (exact ``"Flat"`` or any ``index_factory`` string); a run whose ``config.json``
@@ -61,9 +63,10 @@ def embed_items(run: str, out: str, index: str = "Flat", batch_size: int = 1024,
     doc) and returns the manifest. ``index`` is recorded as the default of
     :func:`load_item_index` (checked by building it on the vectors)."""
     from torchrec_mm.redrec.index import IndexConfig, ItemIndex
-    from torchrec_mm.redrec.user_features import load_tower
+    from torchrec_mm.redrec.user_features import load_model
 
-    tower, cfg, info = load_tower(run)
+    model, cfg, info = load_model(run)
+    tower = model.tower
     manifest_path = os.path.join(out, MANIFEST_FILE)
     key = {"run": os.path.abspath(run), "config_hash": info["config_hash"],
            "checkpoint": info["checkpoint"], "index": index}
@@ -77,9 +80,17 @@ def embed_items(run: str, out: str, index: str = "Flat", batch_size: int = 1024,
         row = int((~torch.isfinite(vectors)).any(1).nonzero()[0, 0])
         raise ValueError(f"{run}: item {row} has a NaN/Inf vector (checkpoint "
                          f"{info['checkpoint']}); not written")
-    ItemIndex(vectors, IndexConfig(factory=index))  # a bad factory fails before writing
-    save_tensors(os.path.join(out, VECTORS_FILE), {"vectors": vectors})
+    tensors = {"vectors": vectors}
+    scale = None
+    if cfg.item_bias != "none":
+        tensors["bias"] = model.item_bias.weight.detach().float().cpu()
+        scale = 1.0 / float(model.tau().detach())
+    # a bad factory fails before writing
+    ItemIndex(vectors, IndexConfig(factory=index), item_bias=tensors.get("bias"),
+              query_scale=scale or 1.0)
+    save_tensors(os.path.join(out, VECTORS_FILE), tensors)
     manifest = {"format": FORMAT, **key, "step": info["step"],
+                "item_bias": scale is not None, "query_scale": scale,
                 "num_items": int(vectors.shape[0]), "dim": int(vectors.shape[1]),
                 "item_embedding": cfg.item_embedding,
                 "item_side": ("item_states" if cfg.item_states else
@@ -105,8 +116,16 @@ def load_item_index(path: str, index: Optional[str] = None,
             raise ValueError(f"{path}: made from {manifest['run']} with config_hash "
                              f"{manifest['config_hash'][:12]}, the run's config.json now "
                              f"hashes to {digest[:12]}: run embed-items again")
-    vectors = load_tensors(os.path.join(path, VECTORS_FILE))["vectors"]
+    tensors = load_tensors(os.path.join(path, VECTORS_FILE))
+    vectors = tensors["vectors"]
     if tuple(vectors.shape) != (manifest["num_items"], manifest["dim"]):
         raise ValueError(f"{path}: {VECTORS_FILE} is {tuple(vectors.shape)}, the manifest "
                          f"says [{manifest['num_items']}, {manifest['dim']}]")
-    return ItemIndex(vectors, IndexConfig(factory=index or manifest["index"])), manifest
+    bias = None
+    if manifest.get("item_bias"):
+        bias = tensors.get("bias")
+        if bias is None or tuple(bias.shape) != (manifest["num_items"],):
+            raise ValueError(f"{path}: the manifest says the run has an item bias, "
+                             f"{VECTORS_FILE} holds no [{manifest['num_items']}] 'bias'")
+    return ItemIndex(vectors, IndexConfig(factory=index or manifest["index"]),
+                     item_bias=bias, query_scale=manifest.get("query_scale") or 1.0), manifest

@@ -30,6 +30,13 @@ positive and is learnt on a log scale.
 
 Masked ("accidental hit") negatives: when item ids are given, a negative with the same
 item id as the positive is removed from that row's softmax.
+
+Item bias (an option, not in the paper): with per-item offsets ``b`` (:class:`ItemBias`)
+every logit of item ``v`` becomes ``cos(u, v) / τ + b_v``, as a positive and as a
+negative. With uniform negatives the softmax's optimum ranks by ``log p(v | u)``, which
+holds the item's popularity; a content-only item tower can put popularity that its
+texts do not explain only into a direction every user's interests share, the bias
+gives it a parameter of its own.
 """
 
 import math
@@ -43,6 +50,8 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 __all__ = [
+    "ITEM_BIASES",
+    "ItemBias",
     "LearnableTemperature",
     "WindowAssignment",
     "assign_window",
@@ -113,6 +122,46 @@ class LearnableTemperature(nn.Module):
                 f"learnable={self.learnable}")
 
 
+#: ``RedRecConfig.item_bias``: none, or a learned bias starting at 0 / at the log counts
+ITEM_BIASES: Tuple[str, ...] = ("none", "zero", "log_count")
+
+
+class ItemBias(nn.Module):
+    """A learned logit offset per item (module doc, "Item bias").
+
+    ``forward(ids [*]) -> [*]`` the offsets of ``ids`` (int64 in ``[0, num_items)``).
+    Dense: one float per catalogue item, replicated data-parallel under DMP (4 MB per
+    million items).
+
+    Args:
+        num_items: catalogue size N.
+        counts: optional [N] non-negative counts: the bias starts at ``log(1 + count)``
+            minus its mean (the popularity prior; a constant shift changes no softmax);
+            None: it starts at 0.
+    """
+
+    def __init__(self, num_items: int, counts: Optional[torch.Tensor] = None) -> None:
+        super().__init__()
+        if num_items < 1:
+            raise ValueError(f"ItemBias: num_items must be >= 1, got {num_items}")
+        init = torch.zeros(num_items)
+        if counts is not None:
+            counts = torch.as_tensor(counts, dtype=torch.float64).flatten()
+            if counts.numel() != num_items or not bool(torch.isfinite(counts).all()) \
+                    or bool((counts < 0).any()):
+                raise ValueError(f"ItemBias: counts must be {num_items} finite values >= 0, "
+                                 f"got {counts.numel()}")
+            init = torch.log1p(counts)
+            init = (init - init.mean()).float()
+        self.weight = nn.Parameter(init)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight[ids]
+
+    def extra_repr(self) -> str:
+        return f"num_items={self.weight.shape[0]}"
+
+
 # --------------------------------------------------------------------------- validation
 
 
@@ -150,6 +199,28 @@ def _check_ids(x: Optional[torch.Tensor], name: str, shape: Tuple[Optional[int],
     return x
 
 
+def _check_bias(bias: Optional[torch.Tensor], name: str, n: int) -> Optional[torch.Tensor]:
+    """``bias`` as a flat [n] tensor of finite per-item offsets (or None)."""
+    if bias is None:
+        return None
+    if not isinstance(bias, torch.Tensor) or bias.numel() != n:
+        raise ValueError(f"{name}: expected {n} per-item offsets, got "
+                         f"{tuple(getattr(bias, 'shape', ())) or type(bias).__name__}")
+    _check_finite(bias, name)
+    return bias.reshape(n)
+
+
+def _check_neg_bias(neg_bias: Optional[torch.Tensor], num_neg: int,
+                    pos_bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The sampled negatives' [M] bias: an item bias is every item's, so the negatives
+    have one exactly when the positives do (and there are negatives)."""
+    if num_neg > 0 and (neg_bias is None) != (pos_bias is None):
+        raise ValueError("neg_bias: an item bias needs the offsets of the positives and of "
+                         "the sampled negatives, got only the "
+                         + ("negatives'" if pos_bias is None else "positives'"))
+    return _check_bias(neg_bias, "neg_bias", num_neg)
+
+
 def _as_tau(tau: TauLike, ref: torch.Tensor) -> torch.Tensor:
     t = tau if isinstance(tau, torch.Tensor) else torch.tensor(float(tau), dtype=ref.dtype)
     if t.numel() != 1:
@@ -178,6 +249,8 @@ def nce_loss(
     pos_ids: Optional[torch.Tensor] = None,
     neg_ids: Optional[torch.Tensor] = None,
     reduction: str = "mean",
+    pos_bias: Optional[torch.Tensor] = None,
+    neg_bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Sampled-softmax NCE with cosine scores (RED-Rec eq. 6).
 
@@ -200,6 +273,10 @@ def nce_loss(
         pos_ids: optional [B] item ids of the positives.
         neg_ids: optional [M] item ids of the negatives (needs ``pos_ids``).
         reduction: ``"mean"`` (over rows), ``"sum"`` or ``"none"`` ([B]).
+        pos_bias / neg_bias: optional [B] / [M] per-item logit offsets (an item bias,
+            :class:`ItemBias`): item ``i``'s logit is ``cos(u, i) / τ + bias_i``
+            wherever it appears (as a row's positive or as an in-batch / sampled
+            negative); given for the positives, needed for the negatives too.
 
     Returns:
         The loss: a scalar, or [B] with ``reduction="none"``.
@@ -225,26 +302,34 @@ def nce_loss(
     _check_finite(pos, "pos")
     if neg is not None:
         _check_finite(neg, "neg")
+    pb = _check_bias(pos_bias, "pos_bias", b)
+    nb = _check_neg_bias(neg_bias, 0 if neg is None else neg.shape[0], pb)
     t = _as_tau(tau, user)
 
     u = F.normalize(user, dim=-1)
     p = F.normalize(pos, dim=-1)
-    parts = [(u * p).sum(-1, keepdim=True)]
+    parts = [(u * p).sum(-1, keepdim=True) / t]
     keep = [torch.ones(b, 1, dtype=torch.bool, device=u.device)]
     if in_batch:
-        parts.append(u @ p.t())
+        parts.append(u @ p.t() / t)
         m = ~torch.eye(b, dtype=torch.bool, device=u.device)
         if pos_ids is not None:
             m &= pos_ids[:, None] != pos_ids[None, :]
         keep.append(m)
     if neg is not None:
-        parts.append(u @ F.normalize(neg, dim=-1).t())
+        parts.append(u @ F.normalize(neg, dim=-1).t() / t)
         if neg_ids is not None:
             assert pos_ids is not None
             keep.append(pos_ids[:, None] != neg_ids[None, :].to(pos_ids.device))
         else:
             keep.append(torch.ones(b, neg.shape[0], dtype=torch.bool, device=u.device))
-    logits = (torch.cat(parts, 1) / t).masked_fill(~torch.cat(keep, 1), -math.inf)
+    if pb is not None:
+        parts[0] = parts[0] + pb[:, None]
+        if in_batch:
+            parts[1] = parts[1] + pb[None, :]
+        if neg is not None:
+            parts[-1] = parts[-1] + nb[None, :]
+    logits = torch.cat(parts, 1).masked_fill(~torch.cat(keep, 1), -math.inf)
     loss = torch.logsumexp(logits, 1) - logits[:, 0]
     if reduction == "mean":
         return loss.mean()
@@ -455,6 +540,8 @@ def window_nce_loss(
     window_ids: Optional[torch.Tensor] = None,
     neg_ids: Optional[torch.Tensor] = None,
     reduction: str = "mean",
+    window_bias: Optional[torch.Tensor] = None,
+    neg_bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Eq. A5–A6 for a given pairing Π: each valid window item ``t_bw`` is the positive
     of interest ``r_b,item_interest[b,w]``.
@@ -476,6 +563,9 @@ def window_nce_loss(
         neg_ids: optional [M] item ids of the negatives (needs ``window_ids``).
         reduction: ``"mean"`` over users with a valid item, ``"sum"``, or ``"none"``
             ([B], 0 for users without valid items).
+        window_bias / neg_bias: optional [B, W] / [M] per-item logit offsets (as in
+            :func:`nce_loss`: an item's logit is ``cos / τ + bias`` as a positive and as
+            a negative; padding's values are ignored).
 
     Returns:
         The loss (scalar, or [B]).
@@ -502,6 +592,12 @@ def window_nce_loss(
         neg_ids = _check_ids(neg_ids, "neg_ids", (neg.shape[0],), f"[M={neg.shape[0]}]")
     if not in_batch and (neg is None or neg.shape[0] == 0):
         raise ValueError("window loss: no negatives (in_batch=False and no sampled neg)")
+    if window_bias is not None:
+        _check_shape(window_bias, "window_bias", (bsz, w), f"[B={bsz}, W={w}]")
+        _check_finite(window_bias[..., None], "window_bias", window_mask)
+        # padding may hold anything: zero it (its logits are masked out anyway)
+        window_bias = window_bias.masked_fill(~window_mask, 0.0)
+    nb = _check_neg_bias(neg_bias, 0 if neg is None else neg.shape[0], window_bias)
     t = _as_tau(tau, interests)
 
     r = F.normalize(interests, dim=-1)
@@ -509,11 +605,15 @@ def window_nce_loss(
     x = F.normalize(window.masked_fill(~window_mask[..., None], 0.0), dim=-1)
     idx = item_interest.to(torch.int64).clamp(0, k - 1)
     r_item = r.gather(1, idx[..., None].expand(bsz, w, d))  # [B, W, d]
-    parts = [(x * r_item).sum(-1, keepdim=True)]
+    parts = [(x * r_item).sum(-1, keepdim=True) / t]
+    if window_bias is not None:
+        parts[0] = parts[0] + window_bias[..., None]
     keep = [torch.ones(bsz, w, 1, dtype=torch.bool, device=r.device)]
     if neg is not None:
         m = neg.shape[0]
-        s = r @ F.normalize(neg, dim=-1).t()  # [B, K, M]
+        s = r @ F.normalize(neg, dim=-1).t() / t  # [B, K, M]
+        if nb is not None:
+            s = s + nb
         parts.append(s.gather(1, idx[..., None].expand(bsz, w, m)))
         if neg_ids is not None:
             assert window_ids is not None
@@ -522,7 +622,9 @@ def window_nce_loss(
             keep.append(torch.ones(bsz, w, m, dtype=torch.bool, device=r.device))
     if in_batch:
         flat = x.reshape(bsz * w, d)
-        s = torch.einsum("bkd,nd->bkn", r, flat)  # [B, K, B*W]
+        s = torch.einsum("bkd,nd->bkn", r, flat) / t  # [B, K, B*W]
+        if window_bias is not None:
+            s = s + window_bias.reshape(-1)
         parts.append(s.gather(1, idx[..., None].expand(bsz, w, bsz * w)))
         owner = torch.arange(bsz, device=r.device).repeat_interleave(w)
         m_ib = (owner[None, :] != torch.arange(bsz, device=r.device)[:, None]) \
@@ -531,7 +633,7 @@ def window_nce_loss(
         if window_ids is not None:
             m_ib = m_ib & (window_ids[..., None] != window_ids.reshape(1, 1, -1))
         keep.append(m_ib)
-    logits = (torch.cat(parts, -1) / t).masked_fill(~torch.cat(keep, -1), -math.inf)
+    logits = torch.cat(parts, -1).masked_fill(~torch.cat(keep, -1), -math.inf)
     per_item = torch.logsumexp(logits, -1) - logits[..., 0]  # [B, W]
     per_item = torch.where(window_mask, per_item, torch.zeros_like(per_item))
     count = window_mask.sum(1)
@@ -557,6 +659,8 @@ def multi_interest_window_loss(
     neg_ids: Optional[torch.Tensor] = None,
     kmeans_iters: int = 10,
     reduction: str = "mean",
+    window_bias: Optional[torch.Tensor] = None,
+    neg_bias: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, WindowAssignment]:
     """The window-based multi-interest loss of RED-Rec (appendix E.2, eq. A5–A6).
 
@@ -575,13 +679,16 @@ def multi_interest_window_loss(
         neg: optional [M, d] sampled negatives; tau: temperature.
         in_batch, window_ids, neg_ids, reduction: as in :func:`window_nce_loss`.
         kmeans_iters: maximum Lloyd iterations.
+        window_bias / neg_bias: per-item logit offsets (:func:`window_nce_loss`); the
+            clustering and matching do not see them.
 
     Returns:
         ``(loss, WindowAssignment)``.
     """
     assignment = assign_window(interests, window, window_mask, kmeans_iters)
     loss = window_nce_loss(interests, window, window_mask, assignment.item_interest, neg,
-                           tau, in_batch, window_ids, neg_ids, reduction)
+                           tau, in_batch, window_ids, neg_ids, reduction, window_bias,
+                           neg_bias)
     return loss, assignment
 
 
@@ -596,6 +703,8 @@ def single_interest_loss(
     target_ids: Optional[torch.Tensor] = None,
     neg_ids: Optional[torch.Tensor] = None,
     reduction: str = "mean",
+    target_bias: Optional[torch.Tensor] = None,
+    neg_bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The single-interest baseline (Table 3 "Single-Interest"): one user vector.
 
@@ -611,6 +720,8 @@ def single_interest_loss(
         target_ids: [B] or [B, W] item ids of the targets; neg_ids: [M]; for masking
             accidental hits.
         reduction: as in :func:`nce_loss` / :func:`window_nce_loss`.
+        target_bias / neg_bias: per-item logit offsets of the targets ([B] or [B, W])
+            and negatives ([M]), as there.
     """
     if pool not in ("mean", "first"):
         raise ValueError(f"pool: {pool!r} is not 'mean' or 'first'")
@@ -629,10 +740,11 @@ def single_interest_loss(
     if targets.dim() == 2:
         if target_mask is not None:
             raise ValueError("target_mask: only for a [B, W, d] window target")
-        return nce_loss(u, targets, neg, tau, in_batch, target_ids, neg_ids, reduction)
+        return nce_loss(u, targets, neg, tau, in_batch, target_ids, neg_ids, reduction,
+                        target_bias, neg_bias)
     if target_mask is None:
         target_mask = torch.ones(targets.shape[:2], dtype=torch.bool, device=targets.device)
     _check_shape(target_mask, "target_mask", (targets.shape[0], targets.shape[1]), "[B, W]")
     item_interest = torch.where(target_mask, 0, -1).to(torch.int64)
     return window_nce_loss(u[:, None, :], targets, target_mask, item_interest, neg, tau,
-                           in_batch, target_ids, neg_ids, reduction)
+                           in_batch, target_ids, neg_ids, reduction, target_bias, neg_bias)

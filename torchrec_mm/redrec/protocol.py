@@ -473,16 +473,21 @@ def evaluate_multi_interest(
     batch_size: Optional[int] = None,
     progress: bool = True,
     return_per_user: bool = False,
+    item_bias: Optional[torch.Tensor] = None,
+    scale: float = 1.0,
 ) -> Dict[str, Any]:
     """Protocol metrics of a (multi-interest) two-tower model: the score of item ``i``
     for case ``u`` is ``max_k cos(user_vecs[u, k], item_emb[i])`` (§4.3 with the max over
-    interests, the usual multi-interest retrieval rule), computed exactly in chunks.
+    interests, the usual multi-interest retrieval rule), computed exactly in chunks;
+    with ``item_bias`` [N] it is ``scale · max_k cos + item_bias[i]`` (a model trained
+    with an item bias: ``scale`` = 1/τ, the training logit).
 
     Args:
         user_vecs: [U', K, d] interest vectors per case (row ``i`` = ``cases.users[i]``
             with its history cut at ``cases.cutoff_time[i]``), or [U', d] single vectors.
         item_emb: [N, d] item vectors indexed by item id (N = ``cases.num_items``).
         cases, ks, batch_size, progress, return_per_user: as in :func:`evaluate_scores`.
+        item_bias / scale: see above.
 
     Returns:
         As :func:`evaluate_scores`, plus the merge diagnostics ``interest_top1_share``
@@ -524,6 +529,13 @@ def evaluate_multi_interest(
     if bool(bad_i.any()):
         raise ValueError(f"item_emb: {int(bad_i.sum())} candidate item(s) with NaN/Inf; first "
                          f"item {int(needed[bad_i][0])}")
+    bias = None
+    if item_bias is not None:
+        bias = item_bias.detach().cpu().to(dtype).flatten()
+        if bias.numel() != cases.num_items or not bool(torch.isfinite(bias).all()):
+            raise ValueError(f"item_bias: expected {cases.num_items} finite values, got "
+                             f"{bias.numel()}" + ("" if bias.numel() != cases.num_items
+                                                  else " with NaN/Inf"))
     uv = F.normalize(uv.to(dtype), dim=-1)
     pool_emb = F.normalize(items[cases.pool].to(dtype), dim=-1)  # [P, d]
     p, t = int(cases.pool.shape[0]), int(cases.targets.shape[1])
@@ -541,6 +553,9 @@ def evaluate_multi_interest(
         neg, winner = per_interest.max(1)  # [R, P]: merged score, interest that gives it
         tgt_emb = F.normalize(items[tg.clamp(min=0)].to(dtype), dim=-1)  # [R, T, d]
         pos = torch.einsum("rkd,rtd->rkt", q, tgt_emb).amax(1)
+        if bias is not None:
+            neg = neg * scale + bias[cases.pool]
+            pos = pos * scale + bias[tg.clamp(min=0)]
         pool_ok = ~cases.pool_target_mask(lo, hi)
         chunks.append(_chunk_metrics(neg, pool_ok, pos, tg >= 0, ks))
         top = neg.masked_fill(~pool_ok, -math.inf).topk(min(_TOP, p), dim=1).indices

@@ -34,27 +34,33 @@ def _lse_loss(logits):
     return mx + math.log(sum(math.exp(v - mx) for v in logits)) - logits[0]
 
 
-def ref_nce(user, pos, neg, tau, in_batch, pos_ids=None, neg_ids=None):
-    """Eq. 6, one row at a time."""
+def ref_nce(user, pos, neg, tau, in_batch, pos_ids=None, neg_ids=None, pos_bias=None,
+            neg_bias=None):
+    """Eq. 6, one row at a time (+ an item's bias on each of its logits)."""
+    pb = np.zeros(pos.shape[0]) if pos_bias is None else pos_bias
+    nb = np.zeros(0 if neg is None else neg.shape[0]) if neg_bias is None else neg_bias
     out = []
     for b in range(user.shape[0]):
-        logits = [_cos(user[b], pos[b]) / tau]
+        logits = [_cos(user[b], pos[b]) / tau + pb[b]]
         if in_batch:
             for j in range(user.shape[0]):
                 if j != b and (pos_ids is None or pos_ids[j] != pos_ids[b]):
-                    logits.append(_cos(user[b], pos[j]) / tau)
+                    logits.append(_cos(user[b], pos[j]) / tau + pb[j])
         if neg is not None:
             for m in range(neg.shape[0]):
                 if neg_ids is None or neg_ids[m] != pos_ids[b]:
-                    logits.append(_cos(user[b], neg[m]) / tau)
+                    logits.append(_cos(user[b], neg[m]) / tau + nb[m])
         out.append(_lse_loss(logits))
     return np.array(out)
 
 
 def ref_window(interests, window, mask, item_interest, neg, tau, in_batch,
-               window_ids=None, neg_ids=None):
-    """Eq. A5–A6, one (user, window item) at a time; returns per-user losses."""
+               window_ids=None, neg_ids=None, window_bias=None, neg_bias=None):
+    """Eq. A5–A6, one (user, window item) at a time (+ an item's bias on each of its
+    logits); returns per-user losses."""
     bsz, w = mask.shape
+    wb = np.zeros((bsz, w)) if window_bias is None else window_bias
+    nb = np.zeros(0 if neg is None else neg.shape[0]) if neg_bias is None else neg_bias
     per_user = np.zeros(bsz)
     for b in range(bsz):
         items = [i for i in range(w) if mask[b, i]]
@@ -62,11 +68,11 @@ def ref_window(interests, window, mask, item_interest, neg, tau, in_batch,
         for i in range(len(items)):
             t = items[i]
             r = interests[b, item_interest[b, t]]
-            logits = [_cos(window[b, t], r) / tau]
+            logits = [_cos(window[b, t], r) / tau + wb[b, t]]
             if neg is not None:
                 for m in range(neg.shape[0]):
                     if neg_ids is None or neg_ids[m] != window_ids[b, t]:
-                        logits.append(_cos(r, neg[m]) / tau)
+                        logits.append(_cos(r, neg[m]) / tau + nb[m])
             if in_batch:
                 for b2 in range(bsz):
                     for t2 in range(w):
@@ -74,7 +80,7 @@ def ref_window(interests, window, mask, item_interest, neg, tau, in_batch,
                             continue
                         if window_ids is not None and window_ids[b2, t2] == window_ids[b, t]:
                             continue
-                        logits.append(_cos(r, window[b2, t2]) / tau)
+                        logits.append(_cos(r, window[b2, t2]) / tau + wb[b2, t2])
             total += _lse_loss(logits)
         per_user[b] = total / len(items) if items else 0.0
     return per_user
@@ -85,8 +91,9 @@ def ref_window(interests, window, mask, item_interest, neg, tau, in_batch,
 
 @FAST
 @given(b=st.integers(1, 6), m=st.integers(0, 5), d=st.integers(2, 6), in_batch=st.booleans(),
-       use_ids=st.booleans(), tau=st.floats(0.05, 2.0), seed=st.integers(0, 2**31))
-def test_nce_loss_matches_loop_reference(b, m, d, in_batch, use_ids, tau, seed):
+       use_ids=st.booleans(), use_bias=st.booleans(), tau=st.floats(0.05, 2.0),
+       seed=st.integers(0, 2**31))
+def test_nce_loss_matches_loop_reference(b, m, d, in_batch, use_ids, use_bias, tau, seed):
     if not in_batch and m == 0:
         m = 1
     rng = np.random.default_rng(seed)
@@ -94,13 +101,21 @@ def test_nce_loss_matches_loop_reference(b, m, d, in_batch, use_ids, tau, seed):
     neg = rng.normal(size=(m, d)) if m else None
     pos_ids = rng.integers(0, 4, b) if use_ids else None  # small range: collisions
     neg_ids = rng.integers(0, 4, m) if use_ids and m else None
+    pb = rng.normal(size=b) * 3 if use_bias else None
+    nb = rng.normal(size=m) * 3 if use_bias and m else None
     t = lambda a: None if a is None else torch.from_numpy(a)  # noqa: E731
     got = nce_loss(t(user), t(pos), t(neg), tau, in_batch, t(pos_ids), t(neg_ids),
-                   reduction="none")
-    want = ref_nce(user, pos, neg, tau, in_batch, pos_ids, neg_ids)
+                   reduction="none", pos_bias=t(pb), neg_bias=t(nb))
+    want = ref_nce(user, pos, neg, tau, in_batch, pos_ids, neg_ids, pb, nb)
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-9, atol=1e-9)
-    mean = nce_loss(t(user), t(pos), t(neg), tau, in_batch, t(pos_ids), t(neg_ids))
+    mean = nce_loss(t(user), t(pos), t(neg), tau, in_batch, t(pos_ids), t(neg_ids),
+                    pos_bias=t(pb), neg_bias=t(nb))
     assert math.isclose(float(mean), want.mean(), rel_tol=1e-9, abs_tol=1e-9)
+    if use_bias:  # one shift of every item's bias changes no softmax
+        shifted = nce_loss(t(user), t(pos), t(neg), tau, in_batch, t(pos_ids), t(neg_ids),
+                           reduction="none", pos_bias=t(pb + 5.0),
+                           neg_bias=None if nb is None else t(nb + 5.0))
+        np.testing.assert_allclose(shifted.numpy(), want, rtol=1e-9, atol=1e-9)
 
 
 def test_accidental_hits_are_removed_from_the_softmax():
@@ -184,6 +199,16 @@ def test_nce_input_errors():
         nce_loss(u, p, n, 0.1, pos_ids=torch.zeros(3))
     with pytest.raises(ValueError, match="reduction"):
         nce_loss(u, p, n, 0.1, reduction="avg")
+    with pytest.raises(ValueError, match="got only the positives'"):
+        nce_loss(u, p, n, 0.1, pos_bias=torch.zeros(3))
+    with pytest.raises(ValueError, match="got only the negatives'"):
+        nce_loss(u, p, n, 0.1, neg_bias=torch.zeros(2))
+    with pytest.raises(ValueError, match="pos_bias: expected 3 per-item offsets"):
+        nce_loss(u, p, n, 0.1, pos_bias=torch.zeros(4), neg_bias=torch.zeros(2))
+    with pytest.raises(ValueError, match="neg_bias: 1 vector"):
+        nce_loss(u, p, n, 0.1, pos_bias=torch.zeros(3), neg_bias=torch.tensor([0.0, math.inf]))
+    # in-batch negatives only: the positives' bias is every negative's
+    assert torch.isfinite(nce_loss(u, p, None, 0.1, pos_bias=torch.zeros(3)))
 
 
 # --------------------------------------------------------------------------- clustering
@@ -327,8 +352,9 @@ def test_spherical_kmeans_recovers_planted_clusters_and_is_deterministic():
 
 @FAST
 @given(b=st.integers(1, 4), k=st.integers(1, 3), w=st.integers(1, 4), m=st.integers(0, 4),
-       in_batch=st.booleans(), use_ids=st.booleans(), seed=st.integers(0, 2**31))
-def test_window_nce_matches_loop_reference(b, k, w, m, in_batch, use_ids, seed):
+       in_batch=st.booleans(), use_ids=st.booleans(), use_bias=st.booleans(),
+       seed=st.integers(0, 2**31))
+def test_window_nce_matches_loop_reference(b, k, w, m, in_batch, use_ids, use_bias, seed):
     if not in_batch and m == 0:
         m = 2
     rng = np.random.default_rng(seed)
@@ -339,13 +365,19 @@ def test_window_nce_matches_loop_reference(b, k, w, m, in_batch, use_ids, seed):
     neg = rng.normal(size=(m, d)) if m else None
     wid = rng.integers(0, 5, (b, w)) if use_ids else None
     nid = rng.integers(0, 5, m) if use_ids and m else None
+    wb = rng.normal(size=(b, w)) * 3 if use_bias else None
+    nb = rng.normal(size=m) * 3 if use_bias and m else None
+    if use_bias:  # padding's bias is ignored, even NaN
+        wb = np.where(mask, wb, np.nan)
     t = lambda a: None if a is None else torch.from_numpy(a)  # noqa: E731
     got = window_nce_loss(t(interests), t(window), t(mask), t(ii), t(neg), 0.3, in_batch,
-                          t(wid), t(nid), reduction="none")
-    want = ref_window(interests, window, mask, ii, neg, 0.3, in_batch, wid, nid)
+                          t(wid), t(nid), reduction="none", window_bias=t(wb),
+                          neg_bias=t(nb))
+    want = ref_window(interests, window, mask, ii, neg, 0.3, in_batch, wid, nid,
+                      None if wb is None else np.nan_to_num(wb), nb)
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-9, atol=1e-9)
     mean = window_nce_loss(t(interests), t(window), t(mask), t(ii), t(neg), 0.3, in_batch,
-                           t(wid), t(nid))
+                           t(wid), t(nid), window_bias=t(wb), neg_bias=t(nb))
     has = mask.any(1)
     assert math.isclose(float(mean), want[has].mean() if has.any() else 0.0,
                         rel_tol=1e-9, abs_tol=1e-9)

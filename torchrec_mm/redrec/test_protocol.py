@@ -256,6 +256,20 @@ def test_multi_interest_evaluation_parity():
     # a single vector per case is the K = 1 case
     one = evaluate_multi_interest(uv[:, 0], ie, cases, progress=False)
     assert one == evaluate_multi_interest(uv[:, :1], ie, cases, progress=False)
+    # an item bias: scale * max-over-interests cosine + bias[item]
+    bias = torch.randn(120, generator=gen, dtype=torch.float64) * 2
+    got_b = evaluate_multi_interest(uv, ie, cases, progress=False, batch_size=7,
+                                    item_bias=bias, scale=5.0)
+    ref_b = evaluate_scores(lambda users, cands: 5.0 * score_fn(users, cands)
+                            + bias[cands.clamp(min=0)], cases, progress=False)
+    for k in ref_b:
+        assert math.isclose(got_b[k], ref_b[k], rel_tol=1e-12), k
+    assert got_b["MRR"] != got["MRR"]  # the bias moves the ranking
+    with pytest.raises(ValueError, match="item_bias: expected 120 finite values"):
+        evaluate_multi_interest(uv, ie, cases, progress=False, item_bias=bias[:5])
+    with pytest.raises(ValueError, match="with NaN/Inf"):
+        evaluate_multi_interest(uv, ie, cases, progress=False,
+                                item_bias=torch.full((120,), math.nan))
 
 
 def test_merge_diagnostics_match_brute_force():

@@ -3,6 +3,7 @@ user tower, a small synthetic dataset; one intra-op thread so the busy test mach
 does not oversubscribe)."""
 
 import argparse
+import dataclasses
 import json
 import os
 
@@ -17,6 +18,7 @@ from torchrec_mm.data.split import make_split
 from torchrec_mm.data.synth import SynthConfig, SynthTruth, generate
 from torchrec_mm.redrec import cli as redrec_cli
 from torchrec_mm.redrec.losses import (
+    ItemBias,
     multi_interest_window_loss,
     nce_loss,
     single_interest_loss,
@@ -277,19 +279,27 @@ def test_cutoffs_at_targets(env):
         _parser().parse_args(["redrec", "train", "--cutoffs", "anywhere"])
 
 
+@pytest.mark.parametrize("biased", [False, True])
 @pytest.mark.parametrize("loss_kind", ["multi_interest", "single_interest"])
-def test_loss_matches_direct_computation(env, loss_kind):
+def test_loss_matches_direct_computation(env, loss_kind, biased):
     """The model's loss (candidates packed into one jagged feature) equals the losses
-    computed from the tower's interests and the item table looked up by hand."""
+    computed from the tower's interests and the item table looked up by hand; with an
+    item bias, from the bias of every window item and negative looked up by hand."""
     single = loss_kind == "single_interest"
     cfg = _cfg(env, "unused", nce_weight=0.5, interests_per_scenario=2, loss=loss_kind,
-               in_batch=single, single_pool="first", policy="global_time" if single else "2d")
+               in_batch=single, single_pool="first", policy="global_time" if single else "2d",
+               item_bias="zero" if biased else "none")
     log = EventLog.from_dataset(env["data"], split_filter="train")
     users, t_now = training_samples(log, cfg, epoch=0)
     neg = sample_negatives(NUM_ITEMS, cfg, None, 0, 3)
     batch = make_batch(log, users[:6], t_now[:6], cfg, neg)
     model = build_model(cfg).eval()
     with torch.no_grad():
+        wb = nb = None
+        if biased:
+            model.item_bias.weight.normal_(0.0, 2.0)
+            wb, nb = model.item_bias.weight[batch.window_ids.clamp(min=0)], \
+                model.item_bias.weight[torch.from_numpy(neg)]
         loss, interests, _ = model(batch)
         ref_interests = model.tower(batch.features)
         table = model.tower.embeddings.embeddings["t_redrec_item"].weight
@@ -301,13 +311,18 @@ def test_loss_matches_direct_computation(env, loss_kind):
         tau = model.tau()
         if single:
             ref = single_interest_loss(ref_interests, window, negv, tau, mask, "first", True,
-                                       wid, nid)
+                                       wid, nid, target_bias=wb, neg_bias=nb)
             user = ref_interests[:, 0]
         else:
             ref, assign = multi_interest_window_loss(ref_interests, window, mask, negv, tau,
-                                                     False, wid, nid)
+                                                     False, wid, nid, window_bias=wb,
+                                                     neg_bias=nb)
             user = ref_interests[torch.arange(6), assign.item_interest[:, 0]]
-        ref = ref + 0.5 * nce_loss(user, window[:, 0], negv, tau, single, wid[:, 0], nid)
+        ref = ref + 0.5 * nce_loss(user, window[:, 0], negv, tau, single, wid[:, 0], nid,
+                                   pos_bias=None if wb is None else wb[:, 0], neg_bias=nb)
+        if biased:  # the bias is in the loss: it differs from the unbiased one
+            model.item_bias = None
+            assert not torch.allclose(model(batch)[0], ref, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(interests, ref_interests)
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
     assert interests.shape == (6, 2 * 3, 16)
@@ -661,3 +676,77 @@ def test_embed_items_caches_the_item_side_for_serving(env, item_states, side):
     with pytest.raises(ValueError, match="faiss cannot build"):
         embed_items(run, str(env["root"] / "bad_index"), index="NoSuchIndex", progress=False)
     assert not os.path.exists(str(env["root"] / "bad_index"))
+
+
+def test_item_bias_learns_popularity_and_scores_with_it(env, tmp_path):
+    """item_bias: ``"log_count"`` starts at the centred log counts of the train-split
+    positives; on a log whose events follow a Zipf popularity a zero-start bias learns
+    it (rank correlation with the train counts), the evaluation scores with it (exact
+    and faiss Flat agree; a dominant bias lifts an untrained tower to popularity), and
+    the served index of `embed-items` scores as the evaluation does."""
+    from scipy.stats import spearmanr
+
+    from torchrec_mm.redrec.item_cache import catalogue_vectors, embed_items, load_item_index
+    from torchrec_mm.redrec.user_features import load_model
+
+    kw = dict(target_actions=("is_click",))
+    model = build_model(_cfg(env, "b0", item_bias="log_count", **kw))
+    log = EventLog.from_dataset(env["data"], split_filter="train")
+    counts = np.bincount(log.item[log.action_mask(["is_click"], "test")], minlength=NUM_ITEMS)
+    want = np.log1p(counts) - np.log1p(counts).mean()
+    np.testing.assert_allclose(model.item_bias.weight.detach().numpy(), want, atol=1e-5)
+    assert float(build_model(_cfg(env, "b1", item_bias="zero")).item_bias.weight.abs().max()) == 0
+    assert build_model(_cfg(env, "b2")).item_bias is None
+    assert _parser().parse_args(["redrec", "train", "--item-bias", "log_count"]
+                                ).item_bias == "log_count"
+    with pytest.raises(ValueError, match="item_bias: 'yes' is not one of"):
+        _cfg(env, "x", item_bias="yes")
+    with pytest.raises(ValueError, match="item_bias_lr: must be finite and > 0"):
+        _cfg(env, "x", item_bias_lr=0.0)
+
+    data = str(tmp_path / "zipf")
+    generate(SynthConfig(num_users=NUM_USERS, num_items=NUM_ITEMS, num_interactions=4800,
+                         num_topics=TOPICS, zipf_exponent=1.2, pop_share=(0.9, 0.9, 0.9),
+                         seed=1), data)
+    make_split(data)
+    cfg = _cfg(env, "zipf_run", data=data, item_bias="zero", item_bias_lr=0.05, epochs=4,
+               cutoffs_per_user=2, eval_max_users=100)
+    trained = train_redrec(cfg)
+    _, _, tensors = read_checkpoint(latest_checkpoint(os.path.join(cfg.out, "checkpoints")))
+    learned = next(v for k, v in tensors.items() if k.endswith("item_bias.weight"))
+    train_counts = np.bincount(EventLog.from_dataset(data, split_filter="train").item,
+                               minlength=NUM_ITEMS)
+    rho = spearmanr(learned.numpy(), train_counts).correlation
+    assert rho > 0.6, rho
+    flat = evaluate_run(cfg.out, eval_index="Flat", progress=False)["metrics"]
+    for k in ("HR@10", "HR@50", "NDCG@10", "MRR@50"):
+        assert flat[k] == pytest.approx(trained["eval"][k], abs=1e-6), k
+    # both evaluation paths score with the bias: a dominant popularity bias lifts an
+    # untrained tower's head from chance to the popularity ranking's
+    ctx = init_distributed(0, 1)
+    try:
+        model = _shard(build_model(cfg), cfg, ctx)
+        chance = evaluate_redrec(model, cfg, ctx)
+        bias = next(m for m in model.modules() if isinstance(m, ItemBias))
+        with torch.no_grad():
+            bias.weight.copy_(50.0 * torch.from_numpy(np.log1p(train_counts)))
+        for index in ("exact", "Flat"):
+            popular = evaluate_redrec(model, dataclasses.replace(cfg, eval_index=index), ctx)
+            assert popular["HR@10"] > chance["HR@10"] + 0.2, (index, popular, chance)
+    finally:
+        dist.destroy_process_group()
+    # serving: the item cache holds the bias and 1/τ; the index retrieves by
+    # scale * max_k cos + bias, the evaluation's score
+    out = str(tmp_path / "items")
+    manifest = embed_items(cfg.out, out, progress=False)
+    index, _ = load_item_index(out)
+    model, _, _ = load_model(cfg.out)
+    assert manifest["item_bias"] and manifest["query_scale"] == pytest.approx(
+        1.0 / float(model.tau()))
+    interests = torch.randn(5, 3, 16)
+    vecs = catalogue_vectors(model.tower)
+    want = (F.normalize(interests, dim=-1) @ vecs.T).amax(1) * manifest["query_scale"] \
+        + model.item_bias.weight.detach()
+    scores, ids = index.retrieve(interests, n=8)
+    np.testing.assert_array_equal(ids, want.topk(8).indices.numpy())
+    np.testing.assert_allclose(scores, want.topk(8).values.numpy(), rtol=1e-4, atol=1e-4)

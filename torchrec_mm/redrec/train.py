@@ -44,7 +44,9 @@ every (item, matched interest) pair); ``"single_interest"``:
 interests, against every window item). ``+ nce_weight *`` :func:`nce_loss` of the next
 item (eq. 6) against the interest matched to it (multi-interest) or the single vector.
 The temperature is a :class:`LearnableTemperature` (``tau_init``; ``learnable_tau``),
-clamped after every step.
+clamped after every step. ``item_bias`` (not the paper's) adds a learned per-item offset
+to every logit of the item (:class:`~torchrec_mm.redrec.losses.ItemBias`; its own Adam
+learning rate ``item_bias_lr``), and evaluation and serving score ``cos / τ + b_i``.
 
 **Item embeddings.** ``item_embedding="id"``: the tower's item-ID table (trained, shared
 by history and candidates). ``"content"``: the item tower through the user tower's
@@ -113,6 +115,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec_mm.data.io import load_meta
 from torchrec_mm.data.split import TEST_COLD, TEST_WARM, load_split
 from torchrec_mm.redrec.losses import (
+    ITEM_BIASES,
+    ItemBias,
     LearnableTemperature,
     multi_interest_window_loss,
     nce_loss,
@@ -249,6 +253,15 @@ class RedRecConfig:
             has no CPU Adam; the rest: ``adam`` or ``sgd``).
         lm_lr: learning rate of the user LM's layers (``None``: ``dense_lr``); the
             queries, projections and temperature keep ``dense_lr``.
+        item_bias: a learned per-item logit offset ``b_i`` (:class:`ItemBias`): the
+            score of item ``i`` is ``cos(interest, i) / τ + b_i`` in the loss (as a
+            positive and as a negative) and in evaluation — ``"none"`` (default, the
+            paper's cosine scores), ``"zero"`` (starts at 0) or ``"log_count"`` (starts
+            at the log of the item's train-split positive count + 1, centred: the
+            popularity an item's content cannot explain gets its own parameter instead
+            of a direction shared by every user's interests). Not in the item cache of
+            ``redrec embed-items`` (refused there).
+        item_bias_lr: Adam learning rate of the item bias.
         lm_anchor: α of an L2-SP penalty ``α/2 · Σ ||θ - θ_0||²`` that pulls the user
             LM's layers toward their weights at the start of training (the pretrained
             checkpoint; 0: none). Added to the loss that is back-propagated, not to the
@@ -275,6 +288,8 @@ class RedRecConfig:
     lm_positions: str = "lm"
     event_mean: str = "none"
     table_init: str = "torchrec"
+    item_bias: str = "none"
+    item_bias_lr: float = 0.01
     center_items: bool = False
     embedding_dim: int = 0
     interests_per_scenario: int = 3
@@ -330,6 +345,7 @@ class RedRecConfig:
         self.eval_ks = tuple(int(k) for k in self.eval_ks)
         choices = {"init": INITS, "item_init": ITEM_INITS, "lm_positions": LM_POSITIONS,
                    "event_mean": EVENT_MEANS, "table_init": TABLE_INITS,
+                   "item_bias": ITEM_BIASES,
                    "item_embedding": ITEM_EMBEDDINGS,
                    "policy": POLICIES,
                    "loss": LOSSES, "negatives": NEGATIVES, "cutoffs": CUTOFFS,
@@ -382,7 +398,7 @@ class RedRecConfig:
         if self.item_embedding == "id" and (self.content_store or self.item_states):
             raise ValueError("RedRecConfig: content_store / item_states given but "
                              "item_embedding='id'")
-        for name in ("item_lr", "lm_lr"):
+        for name in ("item_lr", "lm_lr", "item_bias_lr"):
             value = getattr(self, name)
             if value is not None and not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"RedRecConfig.{name}: must be finite and > 0, got {value}")
@@ -626,13 +642,25 @@ class RedRecModel(nn.Module):
     """User tower + temperature + the configured loss.
 
     ``forward(batch)`` returns ``(loss, interests [B, K, d], candidates [n_c, d])``;
-    ``loss`` is ``None`` for an evaluation batch (``window_ids is None``).
+    ``loss`` is ``None`` for an evaluation batch (``window_ids is None``). With
+    ``cfg.item_bias`` it holds ``item_bias`` (:class:`ItemBias`; ``bias_counts``: the
+    [N] counts a ``"log_count"`` bias starts from).
     """
 
-    def __init__(self, tower: UserTower, cfg: RedRecConfig) -> None:
+    def __init__(self, tower: UserTower, cfg: RedRecConfig,
+                 bias_counts: Optional[np.ndarray] = None) -> None:
         super().__init__()
         self.tower = tower
         self.tau = LearnableTemperature(init=cfg.tau_init, learnable=cfg.learnable_tau)
+        self.item_bias: Optional[ItemBias] = None
+        if cfg.item_bias != "none":
+            counts = None
+            if cfg.item_bias == "log_count":
+                if bias_counts is None:
+                    raise ValueError("RedRecModel: item_bias='log_count' needs the items' "
+                                     "counts (bias_counts)")
+                counts = torch.from_numpy(np.asarray(bias_counts, dtype=np.float64))
+            self.item_bias = ItemBias(tower.config.num_items, counts)
         self.loss_kind = cfg.loss
         self.single_pool = cfg.single_pool
         self.nce_weight = float(cfg.nce_weight)
@@ -653,23 +681,29 @@ class RedRecModel(nn.Module):
         window = vals.new_zeros(bsz, w, vals.shape[1]).index_put((rows, cols), vals[:n_w])
         neg = vals[n_w:] if batch.neg_ids.numel() else None
         neg_ids = batch.neg_ids if neg is not None else None
+        w_bias = n_bias = None
+        if self.item_bias is not None:
+            w_bias = self.item_bias(batch.window_ids.clamp(min=0))
+            n_bias = self.item_bias(neg_ids) if neg_ids is not None else None
         tau = self.tau()
         if self.loss_kind == "multi_interest":
             loss, assign = multi_interest_window_loss(
                 interests, window, mask, neg, tau, self.in_batch, batch.window_ids, neg_ids,
-                self.kmeans_iters)
+                self.kmeans_iters, window_bias=w_bias, neg_bias=n_bias)
             first = assign.item_interest[:, 0].clamp(min=0)
             user = interests[torch.arange(bsz, device=interests.device), first]
         else:
             loss = single_interest_loss(interests, window, neg, tau, mask, self.single_pool,
-                                        self.in_batch, batch.window_ids, neg_ids)
+                                        self.in_batch, batch.window_ids, neg_ids,
+                                        target_bias=w_bias, neg_bias=n_bias)
             user = interests.mean(1) if self.single_pool == "mean" else interests[:, 0]
         if self.nce_weight > 0:
             has = batch.window_ids[:, 0] >= 0  # rows with a (first) window target
             if bool(has.any()):
                 loss = loss + self.nce_weight * nce_loss(
                     user[has], window[has, 0], neg, tau, self.in_batch,
-                    batch.window_ids[has, 0], neg_ids)
+                    batch.window_ids[has, 0], neg_ids,
+                    pos_bias=None if w_bias is None else w_bias[has, 0], neg_bias=n_bias)
         return loss, interests, vals
 
 
@@ -714,7 +748,21 @@ def build_model(cfg: RedRecConfig) -> RedRecModel:
         embedding_dim=cfg.embedding_dim, dropout=cfg.dropout, item_dropout=cfg.item_dropout,
         item_init=cfg.item_init, lm_positions=cfg.lm_positions, event_mean=cfg.event_mean,
         table_init=cfg.table_init)
-    return RedRecModel(UserTower(tower_cfg, item_vectors=vecs), cfg)
+    counts = item_bias_counts(cfg, meta.num_items) if cfg.item_bias == "log_count" else None
+    return RedRecModel(UserTower(tower_cfg, item_vectors=vecs), cfg, counts)
+
+
+def item_bias_counts(cfg: RedRecConfig, num_items: int) -> np.ndarray:
+    """[N] float64 count of every item's train-split positives (``target_actions`` /
+    ``target_scenarios``; every event without them): the start of a ``"log_count"``
+    item bias."""
+    log = EventLog.from_dataset(cfg.data, split_filter="train")
+    keep = target_mask(log, cfg)
+    items = log.item if keep is None else log.item[keep]
+    if items.size and int(items.max()) >= num_items:
+        raise ValueError(f"{cfg.data}: item_id {int(items.max())} outside [0, "
+                         f"num_items={num_items})")
+    return np.bincount(items, minlength=num_items).astype(np.float64)
 
 
 class _TowerSharders:
@@ -807,15 +855,22 @@ def embed_cases(model: nn.Module, log: EventLog, cases: EvalCases, cfg: RedRecCo
 
 
 def _faiss_scores(user_vecs: torch.Tensor, item_vecs: torch.Tensor, cases: EvalCases,
-                  ks: Tuple[int, ...], factory: str, nprobe: int, progress: bool
+                  ks: Tuple[int, ...], factory: str, nprobe: int, progress: bool,
+                  item_bias: Optional[torch.Tensor] = None, scale: float = 1.0
                   ) -> Dict[str, Any]:
-    """Protocol metrics with the pool searched through a faiss index (module doc)."""
+    """Protocol metrics with the pool searched through a faiss index (module doc). With
+    ``item_bias`` [N] the score is ``scale · cos + bias``: the index holds
+    ``[item, bias]`` and the queries are ``[scale · interest, 1]``."""
     import faiss
 
     pool = cases.pool
     p, t = int(pool.shape[0]), int(cases.targets.shape[1])
     uv = torch.nn.functional.normalize(user_vecs.float(), dim=-1)
     iv = torch.nn.functional.normalize(item_vecs.float(), dim=-1)
+    bias = None if item_bias is None else item_bias.detach().float().cpu().flatten()
+    if bias is not None:
+        uv = torch.cat([uv * scale, uv.new_ones(*uv.shape[:-1], 1)], -1)
+        iv = torch.cat([iv, bias[:, None]], -1)
     pool_x = np.ascontiguousarray(iv[pool].numpy(), dtype=np.float32)
     d = pool_x.shape[1]
     try:
@@ -828,7 +883,7 @@ def _faiss_scores(user_vecs: torch.Tensor, item_vecs: torch.Tensor, cases: EvalC
     if hasattr(index, "nprobe"):
         index.nprobe = nprobe
     kq = min(p, max(ks) + t)
-    low = -1e6  # below every cosine: "not retrieved"
+    low = -1e12  # below every score: "not retrieved"
 
     def score_fn(users: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
         rows = torch.searchsorted(cases.users, users)
@@ -885,12 +940,15 @@ def evaluate_redrec(model: nn.Module, cfg: RedRecConfig, ctx: DistContext,
                          f"{cfg.min_history} earlier event(s): nothing to evaluate")
     show = cfg.progress and ctx.is_main
     user_vecs, item_vecs = embed_cases(model, log, cases, cfg, ctx, progress=show)
+    inner = _inner(model)
+    bias = None if inner.item_bias is None else inner.item_bias.weight.detach().cpu()
+    scale = 1.0 / float(inner.tau().detach())
     if cfg.eval_index == "exact":
         metrics = evaluate_multi_interest(user_vecs, item_vecs, cases, cfg.eval_ks,
-                                          progress=show)
+                                          progress=show, item_bias=bias, scale=scale)
     else:
         metrics = _faiss_scores(user_vecs, item_vecs, cases, cfg.eval_ks, cfg.eval_index,
-                                cfg.eval_nprobe, show)
+                                cfg.eval_nprobe, show, item_bias=bias, scale=scale)
     metrics["split"] = cfg.eval_split
     metrics["index"] = cfg.eval_index
     return metrics
@@ -934,7 +992,8 @@ def run_rank(cfg: RedRecConfig, ctx: DistContext) -> Dict[str, Any]:
     from torchrec_mm.training.trainer import make_optimizer
 
     dense_lrs = {frag: lr for frag, lr in (("item_tower.", cfg.item_lr),
-                                           (LM_PARAMS, cfg.lm_lr)) if lr is not None}
+                                           (LM_PARAMS, cfg.lm_lr),
+                                           ("item_bias.", cfg.item_bias_lr)) if lr is not None}
     optimizer = make_optimizer(model, cfg, dense_lrs)  # type: ignore[arg-type]  # duck-typed
     ckpt_root = os.path.join(cfg.out, "checkpoints")
     latest = ckpt.latest_checkpoint(ckpt_root) if cfg.resume else None

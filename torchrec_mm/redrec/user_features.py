@@ -100,6 +100,7 @@ __all__ = [
     "UserSnapshots",
     "add_embed_users_parser",
     "embed_users",
+    "load_model",
     "load_snapshots",
     "select_snapshot",
     "snapshot_times",
@@ -359,6 +360,13 @@ def load_tower(run: str, data: Optional[str] = None) -> Tuple[nn.Module, Any, Di
         ``(tower, RedRecConfig, info)`` with ``info`` = ``config_hash``, ``checkpoint``,
         ``step``.
     """
+    model, cfg, info = load_model(run, data)
+    return model.tower, cfg, info
+
+
+def load_model(run: str, data: Optional[str] = None) -> Tuple[nn.Module, Any, Dict[str, Any]]:
+    """:func:`load_tower`'s whole :class:`~torchrec_mm.redrec.train.RedRecModel` (tower,
+    temperature, item bias), unsharded, in eval mode."""
     from torchrec_mm.redrec.train import RedRecConfig, build_model
     from torchrec_mm.training import checkpoint as ckpt
 
@@ -374,9 +382,8 @@ def load_tower(run: str, data: Optional[str] = None) -> Tuple[nn.Module, Any, Di
     model = build_model(cfg)
     model.load_state_dict(ckpt.restore(model.state_dict(), ckpt.child(skeleton, "model"),
                                        tensors, "/model", values_from_checkpoint=False))
-    tower = model.tower.eval()
-    return tower, cfg, {"config_hash": digest, "checkpoint": os.path.basename(latest),
-                        "step": int(step)}
+    return model.eval(), cfg, {"config_hash": digest, "checkpoint": os.path.basename(latest),
+                               "step": int(step)}
 
 
 def _take(seq: Any, rows: np.ndarray) -> Any:
