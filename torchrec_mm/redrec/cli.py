@@ -155,7 +155,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loss", choices=["multi_interest", "single_interest"])
     p.add_argument("--nce-weight", type=float, help="weight of the next-item NCE term")
     p.add_argument("--num-negatives", type=int)
-    p.add_argument("--negatives", choices=["uniform", "popularity"])
+    p.add_argument("--negatives", choices=["seen", "uniform", "popularity"],
+                   help="sampled negatives: seen (default: uniform over the train split's "
+                   "items), uniform (every catalogue id, held-out cold items too) or "
+                   "popularity (count^alpha)")
     p.add_argument("--negative-alpha", type=float)
     p.add_argument("--in-batch", action="store_true", default=None,
                    help="also use other users' window items as negatives")

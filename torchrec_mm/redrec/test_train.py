@@ -716,8 +716,11 @@ def test_item_bias_learns_popularity_and_scores_with_it(env, tmp_path):
     learned = next(v for k, v in tensors.items() if k.endswith("item_bias.weight"))
     train_counts = np.bincount(EventLog.from_dataset(data, split_filter="train").item,
                                minlength=NUM_ITEMS)
-    rho = spearmanr(learned.numpy(), train_counts).correlation
+    seen = train_counts > 0
+    rho = spearmanr(learned.numpy()[seen], train_counts[seen]).correlation
     assert rho > 0.6, rho
+    # negatives from the train split only: a held-out item's bias is never touched
+    assert (~seen).any() and float(learned[torch.from_numpy(~seen)].abs().max()) == 0.0
     flat = evaluate_run(cfg.out, eval_index="Flat", progress=False)["metrics"]
     for k in ("HR@10", "HR@50", "NDCG@10", "MRR@50"):
         assert flat[k] == pytest.approx(trained["eval"][k], abs=1e-6), k
@@ -750,3 +753,28 @@ def test_item_bias_learns_popularity_and_scores_with_it(env, tmp_path):
     scores, ids = index.retrieve(interests, n=8)
     np.testing.assert_array_equal(ids, want.topk(8).indices.numpy())
     np.testing.assert_allclose(scores, want.topk(8).values.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_negative_distributions(env):
+    """Sampled negatives: ``uniform`` draws any catalogue id (held-out cold items too),
+    ``seen`` only items of the train split, uniformly, ``popularity`` ∝ count^alpha of
+    the train split."""
+    from torchrec_mm.redrec.train import negative_distribution
+
+    log = EventLog.from_dataset(env["data"], split_filter="train")
+    counts = np.bincount(log.item, minlength=NUM_ITEMS)
+    unseen = counts == 0
+    assert 0 < unseen.sum() < NUM_ITEMS  # the split holds out cold items
+    draws = {}
+    for kind in ("uniform", "seen", "popularity"):
+        cfg = _cfg(env, "neg", negatives=kind, num_negatives=4000)
+        probs = negative_distribution(log, NUM_ITEMS, cfg)
+        draws[kind] = sample_negatives(NUM_ITEMS, cfg, probs, 0, 0)
+        if kind == "seen":
+            np.testing.assert_allclose(probs, np.where(unseen, 0.0, 1.0 / (~unseen).sum()))
+        if kind == "popularity":
+            np.testing.assert_allclose(probs, counts ** 0.75 / (counts ** 0.75).sum())
+    assert unseen[draws["uniform"]].any()
+    assert not unseen[draws["seen"]].any() and not unseen[draws["popularity"]].any()
+    assert len(np.unique(draws["seen"])) > 0.9 * (~unseen).sum()  # spread over all of them
+    assert _parser().parse_args(["redrec", "train", "--negatives", "seen"]).negatives == "seen"

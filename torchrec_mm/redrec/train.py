@@ -31,9 +31,13 @@ shuffled per epoch (``[seed, epoch, 1]``); step ``j`` of an epoch takes the glob
 global batch is dropped).
 
 **Negatives.** ``num_negatives`` item ids per step, shared by every user and rank,
-drawn with replacement from ``[seed, epoch, step, 2]``: uniform over the catalogue
-(``negatives="uniform"``) or ``∝ count^alpha`` of the train-split interactions
-(``"popularity"``; items never interacted with are never drawn). A negative equal to a
+drawn with replacement from ``[seed, epoch, step, 2]``: uniform over the items of the
+train split (``negatives="seen"``, the default; as SASRec's: training never sees an
+item the split holds out — a cold item drawn as a negative is one the model learns to
+push down before it is ever evaluated), uniform over every catalogue id (``"uniform"``,
+the default until session 20: held-out cold items included) or ``∝ count^alpha`` of
+the train-split interactions (``"popularity"``; items never interacted with are never
+drawn). A negative equal to a
 positive is masked out of that positive's softmax (accidental hit). ``in_batch`` adds
 the other users' window items as negatives.
 
@@ -183,7 +187,7 @@ __all__ = [
 ]
 
 LOSSES = ("multi_interest", "single_interest")
-NEGATIVES = ("uniform", "popularity")
+NEGATIVES = ("seen", "uniform", "popularity")
 CUTOFFS = ("events", "targets")
 EVAL_SPLITS = {"test": (TEST_WARM, TEST_COLD), "test_warm": (TEST_WARM,),
                "test_cold": (TEST_COLD,)}
@@ -307,7 +311,7 @@ class RedRecConfig:
     single_pool: str = "mean"
     nce_weight: float = 0.0
     num_negatives: int = 1024
-    negatives: str = "uniform"
+    negatives: str = "seen"
     negative_alpha: float = 0.75
     in_batch: bool = False
     tau_init: float = 0.07
@@ -615,13 +619,15 @@ def make_batch(log: EventLog, users: np.ndarray, t_now: np.ndarray, cfg: RedRecC
 
 def negative_distribution(log: EventLog, num_items: int, cfg: RedRecConfig
                           ) -> Optional[np.ndarray]:
-    """``None`` (uniform) or [N] float64 probabilities ``∝ count^alpha``."""
+    """``None`` (uniform over the catalogue) or [N] float64 probabilities: uniform over
+    the items ``log`` holds (``"seen"``) or ``∝ count^alpha`` (``"popularity"``)."""
     if cfg.negatives == "uniform":
         return None
     counts = np.bincount(log.item, minlength=num_items)[:num_items].astype(np.float64)
-    w = np.where(counts > 0, counts ** cfg.negative_alpha, 0.0)
+    w = np.where(counts > 0, 1.0 if cfg.negatives == "seen" else counts ** cfg.negative_alpha,
+                 0.0)
     if w.sum() <= 0:
-        raise ValueError("negatives='popularity': the training log has no interactions")
+        raise ValueError(f"negatives={cfg.negatives!r}: the training log has no interactions")
     return w / w.sum()
 
 
