@@ -263,8 +263,9 @@ class RedRecConfig:
             paper's cosine scores), ``"zero"`` (starts at 0) or ``"log_count"`` (starts
             at the log of the item's train-split positive count + 1, centred: the
             popularity an item's content cannot explain gets its own parameter instead
-            of a direction shared by every user's interests). Not in the item cache of
-            ``redrec embed-items`` (refused there).
+            of a direction shared by every user's interests). ``redrec embed-items``
+            stores it with 1/τ for serving. An item the train split never shows keeps
+            its start (with ``negatives="seen"`` no gradient reaches it).
         item_bias_lr: Adam learning rate of the item bias.
         lm_anchor: α of an L2-SP penalty ``α/2 · Σ ||θ - θ_0||²`` that pulls the user
             LM's layers toward their weights at the start of training (the pretrained
