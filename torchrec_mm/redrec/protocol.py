@@ -532,10 +532,12 @@ def evaluate_multi_interest(
     bias = None
     if item_bias is not None:
         bias = item_bias.detach().cpu().to(dtype).flatten()
-        if bias.numel() != cases.num_items or not bool(torch.isfinite(bias).all()):
+        if bias.numel() != cases.num_items:
             raise ValueError(f"item_bias: expected {cases.num_items} finite values, got "
-                             f"{bias.numel()}" + ("" if bias.numel() != cases.num_items
-                                                  else " with NaN/Inf"))
+                             f"{bias.numel()}")
+        if not bool(torch.isfinite(bias).all()):
+            raise ValueError(f"item_bias: expected {cases.num_items} finite values, got "
+                             f"NaN/Inf at item {int((~torch.isfinite(bias)).nonzero()[0, 0])}")
     uv = F.normalize(uv.to(dtype), dim=-1)
     pool_emb = F.normalize(items[cases.pool].to(dtype), dim=-1)  # [P, d]
     p, t = int(cases.pool.shape[0]), int(cases.targets.shape[1])

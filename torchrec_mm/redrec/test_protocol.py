@@ -267,7 +267,7 @@ def test_multi_interest_evaluation_parity():
     assert got_b["MRR"] != got["MRR"]  # the bias moves the ranking
     with pytest.raises(ValueError, match="item_bias: expected 120 finite values"):
         evaluate_multi_interest(uv, ie, cases, progress=False, item_bias=bias[:5])
-    with pytest.raises(ValueError, match="with NaN/Inf"):
+    with pytest.raises(ValueError, match="got NaN/Inf at item 0"):
         evaluate_multi_interest(uv, ie, cases, progress=False,
                                 item_bias=torch.full((120,), math.nan))
 

@@ -695,6 +695,9 @@ def test_item_bias_learns_popularity_and_scores_with_it(env, tmp_path):
     counts = np.bincount(log.item[log.action_mask(["is_click"], "test")], minlength=NUM_ITEMS)
     want = np.log1p(counts) - np.log1p(counts).mean()
     np.testing.assert_allclose(model.item_bias.weight.detach().numpy(), want, atol=1e-5)
+    # a model whose weights a checkpoint will overwrite does not count the log
+    loaded = build_model(_cfg(env, "b0", item_bias="log_count", **kw), from_checkpoint=True)
+    assert float(loaded.item_bias.weight.abs().max()) == 0.0
     assert float(build_model(_cfg(env, "b1", item_bias="zero")).item_bias.weight.abs().max()) == 0
     assert build_model(_cfg(env, "b2")).item_bias is None
     assert _parser().parse_args(["redrec", "train", "--item-bias", "log_count"]

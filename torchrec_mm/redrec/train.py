@@ -740,8 +740,10 @@ def _item_vectors(cfg: RedRecConfig, num_items: int) -> Optional[torch.Tensor]:
     return vecs
 
 
-def build_model(cfg: RedRecConfig) -> RedRecModel:
-    """The unsharded model of ``cfg`` for the dataset ``cfg.data`` (seeded)."""
+def build_model(cfg: RedRecConfig, from_checkpoint: bool = False) -> RedRecModel:
+    """The unsharded model of ``cfg`` for the dataset ``cfg.data`` (seeded).
+    ``from_checkpoint``: its weights will be loaded, so a ``"log_count"`` item bias
+    starts at 0 instead of reading the train split's counts."""
     meta = load_meta(cfg.data)
     vecs = _item_vectors(cfg, meta.num_items)
     mix_cfg = cfg.mix_config()
@@ -755,7 +757,10 @@ def build_model(cfg: RedRecConfig) -> RedRecModel:
         embedding_dim=cfg.embedding_dim, dropout=cfg.dropout, item_dropout=cfg.item_dropout,
         item_init=cfg.item_init, lm_positions=cfg.lm_positions, event_mean=cfg.event_mean,
         table_init=cfg.table_init)
-    counts = item_bias_counts(cfg, meta.num_items) if cfg.item_bias == "log_count" else None
+    counts = None
+    if cfg.item_bias == "log_count":
+        counts = (np.zeros(meta.num_items) if from_checkpoint
+                  else item_bias_counts(cfg, meta.num_items))
     return RedRecModel(UserTower(tower_cfg, item_vectors=vecs), cfg, counts)
 
 
@@ -1158,7 +1163,7 @@ def _evaluate_rank(cfg: RedRecConfig, ctx: DistContext) -> Dict[str, Any]:
     latest = ckpt.latest_checkpoint(root)
     if latest is None:
         raise FileNotFoundError(f"{cfg.out}: no checkpoint (train the run first)")
-    model = _shard(build_model(cfg), cfg, ctx)
+    model = _shard(build_model(cfg, from_checkpoint=True), cfg, ctx)
     step, skeleton, tensors = ckpt.read_checkpoint(latest)
     model.load_state_dict(ckpt.restore(model.state_dict(), ckpt.child(skeleton, "model"),
                                        tensors, "/model", values_from_checkpoint=False))

@@ -379,7 +379,7 @@ def load_model(run: str, data: Optional[str] = None) -> Tuple[nn.Module, Any, Di
     if latest is None:
         raise FileNotFoundError(f"{run}: no checkpoint (train the run first)")
     step, skeleton, tensors = ckpt.read_checkpoint(latest)
-    model = build_model(cfg)
+    model = build_model(cfg, from_checkpoint=True)
     model.load_state_dict(ckpt.restore(model.state_dict(), ckpt.child(skeleton, "model"),
                                        tensors, "/model", values_from_checkpoint=False))
     return model.eval(), cfg, {"config_hash": digest, "checkpoint": os.path.basename(latest),
