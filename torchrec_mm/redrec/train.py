@@ -35,7 +35,7 @@ drawn with replacement from ``[seed, epoch, step, 2]``: uniform over the items o
 train split (``negatives="seen"``, the default; as SASRec's: training never sees an
 item the split holds out — a cold item drawn as a negative is one the model learns to
 push down before it is ever evaluated), uniform over every catalogue id (``"uniform"``,
-the default until session 20: held-out cold items included) or ``∝ count^alpha`` of
+the former default: held-out cold items included) or ``∝ count^alpha`` of
 the train-split interactions (``"popularity"``; items never interacted with are never
 drawn). A negative equal to a
 positive is masked out of that positive's softmax (accidental hit). ``in_batch`` adds
