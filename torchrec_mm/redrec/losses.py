@@ -140,7 +140,8 @@ class ItemBias(nn.Module):
             None: it starts at 0.
     """
 
-    def __init__(self, num_items: int, counts: Optional[torch.Tensor] = None) -> None:
+    def __init__(self, num_items: int,
+                 counts: Optional[Union[torch.Tensor, np.ndarray]] = None) -> None:
         super().__init__()
         if num_items < 1:
             raise ValueError(f"ItemBias: num_items must be >= 1, got {num_items}")

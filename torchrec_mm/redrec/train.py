@@ -126,6 +126,7 @@ from torchrec_mm.redrec.losses import (
     nce_loss,
     single_interest_loss,
 )
+from torchrec_mm.redrec.popularity import popularity_counts
 from torchrec_mm.redrec.protocol import (
     EvalCases,
     ProtocolConfig,
@@ -661,13 +662,11 @@ class RedRecModel(nn.Module):
         self.tau = LearnableTemperature(init=cfg.tau_init, learnable=cfg.learnable_tau)
         self.item_bias: Optional[ItemBias] = None
         if cfg.item_bias != "none":
-            counts = None
-            if cfg.item_bias == "log_count":
-                if bias_counts is None:
-                    raise ValueError("RedRecModel: item_bias='log_count' needs the items' "
-                                     "counts (bias_counts)")
-                counts = torch.from_numpy(np.asarray(bias_counts, dtype=np.float64))
-            self.item_bias = ItemBias(tower.config.num_items, counts)
+            if cfg.item_bias == "log_count" and bias_counts is None:
+                raise ValueError("RedRecModel: item_bias='log_count' needs the items' "
+                                 "counts (bias_counts)")
+            self.item_bias = ItemBias(tower.config.num_items,
+                                      bias_counts if cfg.item_bias == "log_count" else None)
         self.loss_kind = cfg.loss
         self.single_pool = cfg.single_pool
         self.nce_weight = float(cfg.nce_weight)
@@ -769,12 +768,7 @@ def item_bias_counts(cfg: RedRecConfig, num_items: int) -> np.ndarray:
     ``target_scenarios``; every event without them): the start of a ``"log_count"``
     item bias."""
     log = EventLog.from_dataset(cfg.data, split_filter="train")
-    keep = target_mask(log, cfg)
-    items = log.item if keep is None else log.item[keep]
-    if items.size and int(items.max()) >= num_items:
-        raise ValueError(f"{cfg.data}: item_id {int(items.max())} outside [0, "
-                         f"num_items={num_items})")
-    return np.bincount(items, minlength=num_items).astype(np.float64)
+    return popularity_counts(log, num_items, events=target_mask(log, cfg))
 
 
 class _TowerSharders:
