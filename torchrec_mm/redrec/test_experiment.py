@@ -322,6 +322,22 @@ def test_mixing_sparse_spec_builds(tmp_path):
         if name.startswith("mix_"):
             diff = {k for k, v in runs[0].to_dict().items() if base[k] != v and k != "out"}
             assert diff <= {"policy"}, name
+    # the README's table: Table 3 / A3 in the current setting (seen negatives, centred
+    # items), each seen_* variant seen_cen_2d plus the change its name says, and SASRec
+    seen = {v: runs[0] for v, runs in red.items() if "seen" in v}
+    assert {c.policy for c in seen.values()} == set(POLICIES)
+    assert {c.last_n for c in seen.values()} == {32, 64, 128}
+    assert {c.init for c in seen.values()} == set(INITS)
+    assert {c.loss for c in seen.values()} == {"multi_interest", "single_interest"}
+    ref = seen["seen_cen_2d"].to_dict()
+    assert ref["negatives"] == "seen" and ref["center_items"]
+    for name, c in seen.items():
+        diff = {k for k, v in c.to_dict().items() if ref[k] != v and k != "out"}
+        said = {k for k, v in spec["variants"][name].items()
+                if spec["variants"]["seen_cen_2d"].get(k) != v}
+        assert diff == said, name
+    # SASRec reads the events the user tower reads: last_n - window
+    assert configs["sasrec"][0][0]["max_len"] == ref["last_n"] - ref["window"]
 
 
 def test_truncate_lm_keeps_the_chosen_layers(env, tmp_path):
